@@ -205,3 +205,16 @@ def test_stage2_ratios_equal_eq8_on_eager_attention(prompt, llava_eager, images)
     assert not st.stage2_fired.any()
     assert torch.allclose(st.alpha_t2v, t2v, atol=1e-5) and torch.allclose(st.alpha_v2t, v2t, atol=1e-5)
     assert (v2t > 0).all() == (n_img == 2)
+
+def test_static_cache(llava, images):
+    "Stage 1 works with a static cache; stage 2 needs a dynamic one and says so."
+    model, proc = llava
+    inputs = _inputs(proc, images[:1], PROMPTS[:1])
+    with apply_todre(model, retain=0.1, stage2=False) as h:
+        with torch.no_grad():
+            static = model.generate(**inputs, max_new_tokens=3, do_sample=False, cache_implementation="static")
+            dynamic = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert torch.equal(static, dynamic)
+    with apply_todre(model, tau=1.0):
+        with pytest.raises(NotImplementedError, match="needs a DynamicCache"):
+            model.generate(**inputs, max_new_tokens=2, cache_implementation="static")

@@ -139,7 +139,7 @@ class Stage2Check:
         keep = torch.ones(B, int(view.index.max()) + 1, dtype=torch.bool, device=types.device)
         return keep.scatter(1, view.index, keep_now | ~view.valid)
 
-# %% ../nbs/05_core.ipynb #c95639f6
+# %% ../nbs/05_core.ipynb #bd1732c3
 def _bind(sig, args, kwargs):
     "Map positional arguments of forward/generate onto their names."
     names = [p for p in sig.parameters if p != "self"]
@@ -260,9 +260,16 @@ class ToDREHandle:
             raise ValueError(f"attention weights were requested (output_attentions=True) but the {impl!r} attention backend "
                              "cannot return them; load the model with attn_implementation='eager' for full attention maps")
 
+    def _check_cache(self, kw):
+        c = kw.get("cache", kw.get("past_key_values"))
+        if c is not None and self.pruner.deciders and type(c).__name__ != "DynamicCache":
+            raise NotImplementedError(f"stage 2 drops tokens from the KV cache of deeper layers, which needs a DynamicCache; "
+                                      f"got {type(c).__name__} (use the default cache, or stage2=False)")
+
     def _forward(self, *args, **kwargs):
         kw = _bind(self._fsig, args, kwargs)
         self._check_attentions(kw)
+        self._check_cache(kw)
         if kw.get("pixel_values") is not None and not self._in_generate:      # a plain forward with an image
             new, self.stats = self.prune_inputs(kw) if self.cfg.stage1 or self.cfg.stage2 else (kw, None)
             if self.stage2: self.stage2.alpha_t2v = None

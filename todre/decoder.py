@@ -98,7 +98,7 @@ def packed_decode_mask(key_valid:torch.Tensor, # (B, Lc) bool: the packed prefil
     if "flash" in impl: return allowed.long()
     return _as_backend(allowed[:, None, None, :], impl, dtype)
 
-# %% ../nbs/04_decoder.ipynb #31e17abd
+# %% ../nbs/04_decoder.ipynb #08d2a68a
 class LayerView:
     "What a decider sees at its layer, in that layer's (possibly packed) layout."
     def __init__(self, **kw): self.__dict__.update(kw)
@@ -152,12 +152,13 @@ class DecoderPruner:
     def begin_decode(self, attention_mask:torch.Tensor # (B, P + t) the 2-D mask `generate` passes at this step
                     ):
         "Start one decoding step."
-        self.phase, self.attn2d = "decode", attention_mask.bool()
-        self._kv = torch.zeros(self.n, attention_mask.shape[0], dtype=torch.long)
+        self.phase = "decode"
+        self.attn2d = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
+        self._kv = None if self.attn2d is None else torch.zeros(self.n, attention_mask.shape[0], dtype=torch.long)
 
     def end(self):
         "End a forward call (the hooks go quiet until the next one)."
-        if self.phase == "decode": self.decode_kv_tokens.append(self._kv)
+        if self.phase == "decode" and self._kv is not None: self.decode_kv_tokens.append(self._kv)
         self.phase = None
 
     @property
@@ -204,7 +205,11 @@ class DecoderPruner:
                     if self.pos is not None: kwargs["position_ids"] = self.pos
                 self.view_in = (hidden, kwargs.get("position_embeddings"))
             else:
-                keys, new = self.layer_keys[j], self.attn2d[:, self.L:]
+                keys = self.layer_keys[j]
+                if self.attn2d is None:
+                    if keys is not None: raise RuntimeError("a layer with dropped tokens needs the 2-D attention mask while decoding")
+                    return None
+                new = self.attn2d[:, self.L:]
                 if keys is not None:
                     kwargs["attention_mask"] = packed_decode_mask(keys, new, self.impl(), hidden.dtype)
                     self._kv[j] = (keys.sum(1) + new.sum(1)).cpu()

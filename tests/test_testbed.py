@@ -1,0 +1,52 @@
+"The testbed model: architecture, tokenizer, training loop, and the shipped weights against their model card."
+import json, time
+import numpy as np, pytest, torch
+from todre.scenes import question_vocabulary, ANSWERS, render_scene, split_seed
+from todre.testbed import build_testbed, testbed_tokenizer, make_batch, train, TESTBED_PATH, PROMPT
+
+def test_architecture():
+    model, proc = build_testbed()
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert len(model.model.language_model.layers) >= 12
+    vc = model.config.vision_config
+    assert (vc.image_size, vc.patch_size) == (336, 14)
+    inputs = proc(images=render_scene(1).image, text=PROMPT.format(question="how many objects are there?"), return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 576
+
+def test_every_answer_is_one_token():
+    tok = testbed_tokenizer()
+    for fam, answers in ANSWERS.items():
+        for a in answers: assert len(tok(a, add_special_tokens=False)["input_ids"]) == 1, (fam, a)
+    ids = tok(" ".join(question_vocabulary()), add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id not in ids
+
+def test_batch_labels_are_answers():
+    _, proc = build_testbed()
+    b = make_batch([split_seed("train", 3)], proc, turns=2)
+    lab = b["labels"][0][b["labels"][0] >= 0]
+    assert len(lab) == 4 and lab[1] == proc.tokenizer.eos_token_id and lab[3] == proc.tokenizer.eos_token_id
+    assert b["dense"].shape == (1, 576) and b["present"].shape == (1, 24)
+
+def test_training_is_deterministic():
+    logs = [train(steps=2, batch_size=1, turns=1, vision_steps=1, vision_batch=1, progress=False, log_every=1)[2]["log"] for _ in range(2)]
+    assert [r.get("lm", r["dense"]) for r in logs[0]] == [r.get("lm", r["dense"]) for r in logs[1]]
+
+needs_weights = pytest.mark.skipif(not (TESTBED_PATH / "config.json").exists(), reason="no trained testbed shipped")
+
+@needs_weights
+def test_load_is_fast_and_offline():
+    from todre.testbed import load
+    t = time.perf_counter(); model, proc = load(); dt = time.perf_counter() - t
+    assert dt < 5, f"load took {dt:.1f} s"
+    assert (TESTBED_PATH / "model.safetensors").stat().st_size < 30e6
+
+@needs_weights
+def test_shipped_weights_reproduce_the_recorded_smoke_answers():
+    "The first test scenes' answers, recorded when the weights were saved, come out the same."
+    from todre.testbed import load, answer
+    from todre.evaluate import benchmark_samples
+    rec = json.loads((TESTBED_PATH / "results.json").read_text())["smoke"]
+    model, proc = load()
+    samples = benchmark_samples(rec["n_scenes"], "test", 0)
+    preds = answer(model, proc, [s.image for s, _ in samples], [q.question for _, q in samples])
+    assert preds == rec["predictions"]
