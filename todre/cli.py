@@ -12,7 +12,7 @@ from .config import ToDREConfig, SELECTOR_NAMES, PIVOTS, NEWLINE_MODES, POSITION
 # %% auto #0
 __all__ = ['build_parser', 'config_from_args', 'load_model', 'load_image', 'demo', 'main']
 
-# %% ../nbs/07_cli.ipynb #0ca98c8c
+# %% ../nbs/07_cli.ipynb #ca565c5c
 def build_parser() -> argparse.ArgumentParser:
     "The `todre` command-line parser."
     p = argparse.ArgumentParser(prog="todre", description="ToDRE visual-token pruning for Hugging Face VLMs.")
@@ -21,11 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Run the unmodified model and ToDRE on one image and prompt; print tokens kept per stage "
                                    "and per layer, the stage-2 attention ratios and times; save a map of the kept tokens.")
-    d.add_argument("--model", default=None, help="Hub id or local path of a LLaVA / LLaVA-NeXT checkpoint "
-                   "(default: a tiny config-built model with random weights, no download)")
-    d.add_argument("--kind", default="llava", choices=["llava", "llava_next"], help="geometry of the tiny default model")
-    d.add_argument("--image", default="coffee", help="a scikit-image sample name (astronaut, coffee, chelsea, rocket, ...) or an image file")
-    d.add_argument("--question", default="What is shown in this image?", help="the question asked about the image")
+    d.add_argument("--model", default="tiny-llava", help="'tiny-llava' or 'tiny-llava-next' (random weights, real geometry), "
+                   "'testbed' (a trained testbed saved with the package), or a Hub id / local path of a LLaVA or LLaVA-NeXT checkpoint")
+    d.add_argument("--image", default=None, help="'scene:N' (test scene N of the benchmark), a scikit-image sample name "
+                   "(astronaut, coffee, chelsea, rocket, ...) or an image file (default: scene:0 for the testbed, coffee otherwise)")
+    d.add_argument("--question", default=None, help="the question (default: one of the scene's own questions, or "
+                   "'What is shown in this image?')")
     d.add_argument("--max-new-tokens", type=int, default=8, help="tokens to generate")
     d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     d.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights dtype (auto: bf16 on GPU, fp32 on CPU)")
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tau", type=float, default=c.tau, help="stage-2 threshold on the attention ratios")
     d.add_argument("--rule", default=c.rule, choices=RULES, help="stage-2 rule")
     d.add_argument("--seed", type=int, default=c.seed, help="seed of random choices")
+    from todre.bench import add_bench_parser
+    add_bench_parser(sub)
     return p
 
 def config_from_args(a) -> ToDREConfig:
@@ -54,16 +57,19 @@ def config_from_args(a) -> ToDREConfig:
                        positions=a.positions, stage1=not a.no_stage1, stage2=not a.no_stage2, check_layer=a.check_layer,
                        tau=a.tau, rule=a.rule, seed=a.seed)
 
-# %% ../nbs/07_cli.ipynb #fd779e98
-def load_model(model:str|None=None, # Hub id or local path; None for the tiny offline model
-               kind:str="llava", # geometry of the tiny model
+# %% ../nbs/07_cli.ipynb #9fdfb195
+def load_model(model:str="testbed", # "testbed", "tiny-llava", "tiny-llava-next", or a Hub id / local path
                device:str="cpu", dtype:str="auto", attn:str="sdpa"):
-    "`(model, processor, prompt_fn)` for a checkpoint or the tiny default; `prompt_fn(question)` builds the model's prompt."
+    "`(model, processor, prompt_fn)` for a checkpoint or an offline model; `prompt_fn(question)` builds the model's prompt."
     dt = {"auto": torch.bfloat16 if str(device).startswith("cuda") else torch.float32, "float32": torch.float32,
           "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    if model is None:
+    if model == "testbed":
+        from todre.testbed import load, PROMPT
+        m, proc = load(attn_implementation=attn)
+        return m.to(device, dt), proc, lambda q: PROMPT.format(question=q)
+    if model in ("tiny-llava", "tiny-llava-next"):
         from todre.tiny import tiny_llava
-        m, proc = tiny_llava(kind, attn_implementation=attn)
+        m, proc = tiny_llava("llava" if model == "tiny-llava" else "llava_next", attn_implementation=attn)
         plain = lambda q: f"USER: <image>\n{q} ASSISTANT:"
         return m.to(device, dt), proc, plain
     from transformers import AutoProcessor, AutoModelForImageTextToText
@@ -76,16 +82,20 @@ def load_model(model:str|None=None, # Hub id or local path; None for the tiny of
         return f"USER: <image>\n{q} ASSISTANT:"
     return m, proc, chat
 
-def load_image(image:str # sample name or file path
+def load_image(image:str # "scene:N", a sample name or a file path
               ):
-    "A scikit-image sample by name, or an image file."
+    "`(image, scene)`: a test scene of the benchmark (with its ground truth), a scikit-image sample, or an image file."
     from PIL import Image
     from todre.tiny import sample_image, SAMPLE_IMAGES
-    if image in SAMPLE_IMAGES: return sample_image(image)
+    if image.startswith("scene:"):
+        from todre.scenes import render_scene, split_seed
+        scene = render_scene(split_seed("test", int(image.split(":", 1)[1])))
+        return scene.image, scene
+    if image in SAMPLE_IMAGES: return sample_image(image), None
     if not Path(image).exists(): raise FileNotFoundError(f"no image file {image!r} and no sample of that name; samples: {SAMPLE_IMAGES}")
-    return Image.open(image).convert("RGB")
+    return Image.open(image).convert("RGB"), None
 
-# %% ../nbs/07_cli.ipynb #d7989d1d
+# %% ../nbs/07_cli.ipynb #82da09f8
 def _timed_generate(model, inputs, n):
     if inputs["input_ids"].is_cuda: torch.cuda.synchronize()
     t = time.perf_counter()
@@ -94,7 +104,7 @@ def _timed_generate(model, inputs, n):
     return out, time.perf_counter() - t
 
 def demo(cfg:ToDREConfig|None=None, # what ToDRE does (paper defaults when None)
-         model:str|None=None, kind:str="llava", image:str="coffee", question:str="What is shown in this image?",
+         model:str="tiny-llava", image:str|None=None, question:str|None=None,
          max_new_tokens:int=8, device:str="cpu", dtype:str="auto", attn:str="sdpa",
          out:str|None="todre_demo.png", # PNG of the kept tokens ('' or None to skip)
          file=None, # where to print (default stdout)
@@ -106,8 +116,16 @@ def demo(cfg:ToDREConfig|None=None, # what ToDRE does (paper defaults when None)
     file = file or sys.stdout
     say = lambda *x: print(*x, file=file)
     cfg = cfg or ToDREConfig()
-    m, proc, prompt = load_model(model, kind, device, dtype, attn)
-    img = load_image(image)
+    m, proc, prompt = load_model(model, device, dtype, attn)
+    image = image or ("scene:0" if model == "testbed" else "coffee")
+    img, scene = load_image(image)
+    expected = None
+    if question is None and scene is not None:
+        from todre.scenes import scene_questions
+        qs = scene_questions(scene, scene.seed)
+        q = next((q for q in qs if q.family == "colour"), qs[0])
+        question, expected = q.question, q.answer
+    question = question or "What is shown in this image?"
     inputs = proc(images=img, text=prompt(question), return_tensors="pt").to(device)
     if "pixel_values" in inputs: inputs["pixel_values"] = inputs["pixel_values"].to(m.dtype)
     n_prompt = inputs["input_ids"].shape[1]
@@ -118,8 +136,9 @@ def demo(cfg:ToDREConfig|None=None, # what ToDRE does (paper defaults when None)
         pruned, t_todre = _timed_generate(m, inputs, max_new_tokens)
         st = handle.stats
         decode = lambda ids: proc.tokenizer.decode(ids[0, n_prompt:], skip_special_tokens=True).strip()
-        name = model or f"tiny config-built {kind} (random weights: answers are noise)"
+        name = model + (" (random weights: answers are noise)" if model.startswith("tiny") else "")
         say(f"model: {name}\nimage: {image} {img.size}   prompt tokens: {n_prompt}   device: {device}")
+        say(f"question: {question!r}" + (f"   ground truth: {expected!r}" if expected else ""))
         say(f"config: {cfg}")
         say(st.summary())
         if st.decode_kv_tokens:
@@ -142,12 +161,15 @@ def demo(cfg:ToDREConfig|None=None, # what ToDRE does (paper defaults when None)
             say(f"kept-token map: {out}")
     return dict(stats=st, answer_unpruned=decode(base), answer_todre=decode(pruned), seconds_unpruned=t_base, seconds_todre=t_todre)
 
-# %% ../nbs/07_cli.ipynb #e87777bd
+# %% ../nbs/07_cli.ipynb #c7cb57a1
 def main(argv=None):
     "Entry point of the `todre` console script."
     a = build_parser().parse_args(argv)
     if a.command == "demo":
         try: cfg = config_from_args(a)
         except ValueError as e: build_parser().error(str(e))
-        demo(cfg, model=a.model, kind=a.kind, image=a.image, question=a.question, max_new_tokens=a.max_new_tokens,
+        demo(cfg, model=a.model, image=a.image, question=a.question, max_new_tokens=a.max_new_tokens,
              device=a.device, dtype=a.dtype, attn=a.attn, out=a.out or None)
+    elif a.command == "bench":
+        from todre.bench import run_bench
+        run_bench(a)

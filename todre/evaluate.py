@@ -66,7 +66,7 @@ def evaluate(model, processor, samples:list, # `(scene, question)` pairs
     res["predictions"] = preds
     return res
 
-# %% ../nbs/11_evaluate.ipynb #00a7f754
+# %% ../nbs/11_evaluate.ipynb #97ba5a2d
 @torch.no_grad()
 def seconds_per_question(model, processor, samples:list, # `(scene, question)` pairs, answered one at a time
                          warmup:int=2) -> float:
@@ -78,7 +78,7 @@ def seconds_per_question(model, processor, samples:list, # `(scene, question)` p
         if i >= warmup: times.append(time.perf_counter() - t)
     return float(np.median(times))
 
-# %% ../nbs/11_evaluate.ipynb #d4168bf0
+# %% ../nbs/11_evaluate.ipynb #663c8fbf
 def compare_selectors(model, processor, samples:list, # `(scene, question)` pairs
                       selectors=("maxsum", "kcenter", "cls_topk", "random", "pool"),
                       retains=(0.25, 0.10), # stage-1 retention ratios
@@ -99,7 +99,7 @@ def compare_selectors(model, processor, samples:list, # `(scene, question)` pair
                          coverage_small=res["coverage_small"]))
     return rows
 
-# %% ../nbs/11_evaluate.ipynb #b24d0667
+# %% ../nbs/11_evaluate.ipynb #fb6520e3
 def testbed_report(model, processor, n_scenes:int=150, # held-out test scenes (all their questions)
                    seed:int=0, n_speed:int=20, batch_size:int=16, progress:bool=True) -> dict:
     "Accuracy (per family, POPE), blank-image accuracy, the majority baseline and speed of a model on the test split."

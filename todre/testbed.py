@@ -66,7 +66,7 @@ def build_testbed(seed:int=0, # seed of the initial weights
     model.generation_config.eos_token_id = tok.eos_token_id
     return model, proc
 
-# %% ../nbs/10_testbed.ipynb #0872b6bc
+# %% ../nbs/10_testbed.ipynb #13a9f645
 def pixels(images, processor) -> torch.Tensor:
     "Normalised pixel values of 336×336 RGB images, identical to the processor's output."
     ip = processor.image_processor
@@ -85,14 +85,16 @@ def patch_targets(label:np.ndarray, objects) -> np.ndarray:
 
 def make_batch(seeds:list, # one scene seed per sequence
                processor, turns:int=3, # question-answer turns per sequence
-               rng:np.random.Generator|None=None):
+               rng:np.random.Generator|None=None,
+               max_objects:int|None=None, # draw 1..max_objects objects per scene (None: the benchmark's own mix)
+              ):
     "Input ids, labels, pixels and auxiliary targets for a list of scene seeds."
     tok = processor.tokenizer
     rng = rng or np.random.default_rng(0)
     n_img = processor.image_seq_length if hasattr(processor, "image_seq_length") else GRID * GRID
     seqs, labs, images, dense, present = [], [], [], [], []
     for s in seeds:
-        scene = render_scene(int(s))
+        scene = render_scene(int(s), None if max_objects is None else int(rng.integers(1, max_objects + 1)))
         qs = scene_questions(scene, int(s))
         pick = rng.choice(len(qs), size=min(turns, len(qs)), replace=False)
         ids, lab = [], []
@@ -115,34 +117,46 @@ def make_batch(seeds:list, # one scene seed per sequence
     return dict(input_ids=input_ids, attention_mask=mask, labels=labels, pixel_values=pixels(images, processor),
                 dense=torch.from_numpy(np.stack(dense)), present=torch.from_numpy(np.stack(present)))
 
-# %% ../nbs/10_testbed.ipynb #9345ee1a
+# %% ../nbs/10_testbed.ipynb #e7aa6b14
 class AuxHeads(nn.Module):
-    "Training-only heads: presence of each colour–shape pair from [CLS], and the class of each patch."
-    def __init__(self, vision_hidden:int):
+    "Training-only heads: presence of each colour–shape pair from [CLS], and the class of each projected patch token."
+    def __init__(self, vision_hidden:int, text_hidden:int):
         super().__init__()
         n = len(COLOURS) * len(SHAPES)
-        self.present, self.dense = nn.Linear(vision_hidden, n), nn.Linear(vision_hidden, n + 1)
+        self.present, self.dense = nn.Linear(vision_hidden, n), nn.Linear(text_hidden, n + 1)
 
-def _losses(model, aux, b, aux_weight):
-    vt = model.model.vision_tower
-    vout = vt(b["pixel_values"], output_hidden_states=True)
+def _word_ids(tok, words): return torch.tensor([tok.convert_tokens_to_ids(w) for w in words])
+
+def _aux_losses(model, aux, vout, b, tok):
+    "[CLS] presence; the class of each projected patch token; grounding of object tokens in their colour and shape words."
     feats = vout.hidden_states[model.config.vision_feature_layer][:, 1:]
-    aux_present = F.binary_cross_entropy_with_logits(aux.present(vout.pooler_output), b["present"])
-    aux_dense = F.cross_entropy(aux.dense(feats).flatten(0, 1), b["dense"].flatten())
-    image_features = model.model.multi_modal_projector(feats)
+    tokens = model.model.multi_modal_projector(feats)                                   # (B, 576, text_hidden)
+    present = F.binary_cross_entropy_with_logits(aux.present(vout.pooler_output), b["present"])
+    dense = F.cross_entropy(aux.dense(tokens).flatten(0, 1), b["dense"].flatten())
+    E = model.model.language_model.embed_tokens.weight
+    obj = b["dense"] > 0
+    if obj.any():
+        t, c = tokens[obj], b["dense"][obj] - 1
+        ground = (F.cross_entropy(t @ E[_word_ids(tok, COLOURS).to(E.device)].T, c // len(SHAPES))
+                  + F.cross_entropy(t @ E[_word_ids(tok, SHAPES).to(E.device)].T, c % len(SHAPES)))
+    else: ground = tokens.sum() * 0
+    return tokens, present, dense, ground
+
+def _losses(model, aux, b, aux_weight, tok):
+    vout = model.model.vision_tower(b["pixel_values"], output_hidden_states=True)
+    image_features, present, dense, ground = _aux_losses(model, aux, vout, b, tok)
     emb = model.model.language_model.embed_tokens(b["input_ids"])
     emb = emb.masked_scatter((b["input_ids"] == model.config.image_token_id)[..., None], image_features.to(emb.dtype))
     hidden = model.model.language_model(inputs_embeds=emb, attention_mask=b["attention_mask"]).last_hidden_state
     logits = model.lm_head(hidden[:, :-1]).float()
     lm = F.cross_entropy(logits.flatten(0, 1), b["labels"][:, 1:].flatten(), ignore_index=-100)
-    return lm + aux_weight * (aux_present + aux_dense), dict(lm=lm.item(), present=aux_present.item(), dense=aux_dense.item())
+    parts = dict(lm=lm.item(), present=present.item(), dense=dense.item(), ground=ground.item())
+    return lm + aux_weight * (present + dense + ground), parts
 
-def _vision_losses(model, aux, b):
+def _vision_losses(model, aux, b, tok):
     vout = model.model.vision_tower(b["pixel_values"], output_hidden_states=True)
-    feats = vout.hidden_states[model.config.vision_feature_layer][:, 1:]
-    present = F.binary_cross_entropy_with_logits(aux.present(vout.pooler_output), b["present"])
-    dense = F.cross_entropy(aux.dense(feats).flatten(0, 1), b["dense"].flatten())
-    return present + dense, dict(present=present.item(), dense=dense.item())
+    _, present, dense, ground = _aux_losses(model, aux, vout, b, tok)
+    return present + dense + ground, dict(present=present.item(), dense=dense.item(), ground=ground.item())
 
 def _vision_batch(seeds, processor):
     images, dense, present = [], [], []
@@ -158,12 +172,14 @@ def _vision_batch(seeds, processor):
 def _schedule(opt, steps, warmup):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1, s / steps))))
 
-def train(steps:int=700, # optimiser steps of the full model (phase 2)
+def train(steps:int=650, # optimiser steps of the full model (phase 2)
           batch_size:int=8, # sequences per step
           turns:int=4, # question-answer turns per sequence
-          vision_steps:int=300, # phase 1: steps that train the vision tower alone on the auxiliary objectives
+          vision_steps:int=250, # phase 1: steps that train the vision tower alone on the auxiliary objectives
           vision_batch:int=16, # images per phase-1 step
-          lr:float=2e-3, warmup:int=50, aux_weight:float=0.5,
+          easy_fraction:float=0.4, # phase 2 starts with scenes of at most `easy_objects` objects for this fraction of steps
+          easy_objects:int=3,
+          lr:float=1.5e-3, warmup:int=50, aux_weight:float=0.5,
           seed:int=0, # seeds the weights, the data order and the scenes
           out:str|None=None, # directory to save the trained model to (and checkpoints while training)
           checkpoint_every:int=100, device:str="cpu", log_every:int=25, progress:bool=True):
@@ -172,17 +188,20 @@ def train(steps:int=700, # optimiser steps of the full model (phase 2)
     torch.manual_seed(seed)
     model, proc = build_testbed(seed)
     model.to(device).train()
-    aux = AuxHeads(model.config.vision_config.hidden_size).to(device)
+    aux = AuxHeads(model.config.vision_config.hidden_size, model.config.text_config.hidden_size).to(device)
+    tok = proc.tokenizer
     rng = np.random.default_rng(seed)
     log, t0 = [], time.perf_counter()
     draw = lambda n: [split_seed("train", int(x)) for x in rng.integers(0, 10**8, n)]
-    # phase 1: the vision tower learns what is where (dense) and what is present ([CLS]), like a pretrained CLIP
-    vparams = list(model.model.vision_tower.parameters()) + list(aux.parameters())
+    # phase 1: the vision tower and projector learn what is where (dense), what is present ([CLS]) and which colour
+    # and shape words each object's tokens stand for (grounding in the word-embedding space), like a pretrained CLIP
+    vparams = (list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
+               + [model.model.language_model.embed_tokens.weight] + list(aux.parameters()))
     opt = torch.optim.AdamW(vparams, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = _schedule(opt, vision_steps, warmup)
     for step in tqdm(range(vision_steps), disable=not progress, desc="phase 1: vision tower"):
         b = {k: v.to(device) for k, v in _vision_batch(draw(vision_batch), proc).items()}
-        loss, parts = _vision_losses(model, aux, b)
+        loss, parts = _vision_losses(model, aux, b, tok)
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(vparams, 1.0); opt.step(); sched.step()
         if step % log_every == 0 or step == vision_steps - 1:
@@ -193,8 +212,9 @@ def train(steps:int=700, # optimiser steps of the full model (phase 2)
     sched = _schedule(opt, steps, warmup)
     bar = tqdm(range(steps), disable=not progress, desc="phase 2: full model")
     for step in bar:
-        b = {k: v.to(device) for k, v in make_batch(draw(batch_size), proc, turns, rng).items()}
-        loss, parts = _losses(model, aux, b, aux_weight)
+        easy = step < easy_fraction * steps                       # a curriculum: few objects first, then the full mix
+        b = {k: v.to(device) for k, v in make_batch(draw(batch_size), proc, turns, rng, easy_objects if easy else None).items()}
+        loss, parts = _losses(model, aux, b, aux_weight, tok)
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); sched.step()
         if step % log_every == 0 or step == steps - 1:
@@ -202,7 +222,8 @@ def train(steps:int=700, # optimiser steps of the full model (phase 2)
             bar.set_postfix(lm=f"{parts['lm']:.3f}", dense=f"{parts['dense']:.3f}")
         if out and checkpoint_every and (step + 1) % checkpoint_every == 0: save(model, proc, out, dict(log=log, step=step + 1))
     model.eval()
-    info = dict(steps=steps, batch_size=batch_size, turns=turns, vision_steps=vision_steps, vision_batch=vision_batch, lr=lr,
+    info = dict(steps=steps, batch_size=batch_size, turns=turns, vision_steps=vision_steps, vision_batch=vision_batch,
+                easy_fraction=easy_fraction, easy_objects=easy_objects, lr=lr,
                 warmup=warmup, aux_weight=aux_weight, seed=seed, seconds=round(time.perf_counter() - t0, 1), device=str(device),
                 torch=torch.__version__, log=log)
     if out: save(model, proc, out, info)

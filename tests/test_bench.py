@@ -1,0 +1,18 @@
+"`todre bench` on the CPU path: same process, baseline first, ratios, JSON and CSV."
+import csv, json
+import torch
+from todre.cli import build_parser
+from todre.bench import run_bench
+
+def test_bench_cli_writes_results(tmp_path):
+    torch.set_num_threads(1)
+    a = build_parser().parse_args(["bench", "--model", "tiny-llava", "--methods", "todre@0.10", "stage1@0.25",
+                                   "--warmup", "0", "--repeats", "1", "--image-size", "336",
+                                   "--json", str(tmp_path / "b.json"), "--csv", str(tmp_path / "b.csv")])
+    rows = run_bench(a)
+    assert [r["method"] for r in rows] == ["baseline", "todre@0.10", "stage1@0.25"]
+    assert rows[0]["speedup"] == 1.0 and all(r["total_s"] > 0 for r in rows)
+    assert rows[1]["first_layer_tokens"] < rows[2]["first_layer_tokens"] < rows[0]["first_layer_tokens"]
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert saved["device"]["device_type"] == "cpu" and len(saved["rows"]) == 3
+    assert len(list(csv.DictReader(open(tmp_path / "b.csv")))) == 3
