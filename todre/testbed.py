@@ -11,8 +11,8 @@ from .scenes import (render_scene, scene_questions, question_vocabulary, split_s
                           IMAGE_SIZE, normalize_answer)
 
 # %% auto #0
-__all__ = ['PROMPT', 'ARCH', 'TESTBED_PATH', 'testbed_tokenizer', 'build_testbed', 'pixels', 'patch_targets', 'make_batch',
-           'AuxHeads', 'train', 'save', 'load', 'answer']
+__all__ = ['PROMPT', 'ARCH', 'TESTBED_PATH', 'testbed_tokenizer', 'build_testbed', 'pixels', 'patch_targets', 'presence_targets',
+           'make_batch', 'AuxHeads', 'train', 'save', 'load', 'answer']
 
 # %% ../nbs/10_testbed.ipynb #b042b00d
 PROMPT = "USER: <image>\n{question} ASSISTANT:"
@@ -66,7 +66,7 @@ def build_testbed(seed:int=0, # seed of the initial weights
     model.generation_config.eos_token_id = tok.eos_token_id
     return model, proc
 
-# %% ../nbs/10_testbed.ipynb #13a9f645
+# %% ../nbs/10_testbed.ipynb #0f7009a9
 def pixels(images, processor) -> torch.Tensor:
     "Normalised pixel values of 336×336 RGB images, identical to the processor's output."
     ip = processor.image_processor
@@ -82,6 +82,12 @@ def patch_targets(label:np.ndarray, objects) -> np.ndarray:
     counts = np.stack([(patches == j).sum(1) for j in range(len(objects) + 1)], 1)
     counts[:, 0] = counts[:, 0] // 2                       # a patch half covered by an object belongs to it
     return cls[counts.argmax(1)]
+
+def presence_targets(objects) -> np.ndarray:
+    "1 for every colour–shape pair present in the scene (the [CLS] objective), (|COLOURS|·|SHAPES|,)."
+    pres = np.zeros(len(COLOURS) * len(SHAPES), dtype=np.float32)
+    for o in objects: pres[COLOURS.index(o.colour) * len(SHAPES) + SHAPES.index(o.shape)] = 1
+    return pres
 
 def make_batch(seeds:list, # one scene seed per sequence
                processor, turns:int=3, # question-answer turns per sequence
@@ -105,10 +111,7 @@ def make_batch(seeds:list, # one scene seed per sequence
             a = tok(q.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             ids += p + a; lab += [-100] * len(p) + a
         seqs.append(ids); labs.append(lab); images.append(scene.image)
-        dense.append(patch_targets(scene.label, scene.objects))
-        pres = np.zeros(len(COLOURS) * len(SHAPES), dtype=np.float32)
-        for o in scene.objects: pres[COLOURS.index(o.colour) * len(SHAPES) + SHAPES.index(o.shape)] = 1
-        present.append(pres)
+        dense.append(patch_targets(scene.label, scene.objects)); present.append(presence_targets(scene.objects))
     L = max(map(len, seqs))
     input_ids = torch.full((len(seqs), L), tok.pad_token_id); labels = torch.full((len(seqs), L), -100)
     mask = torch.zeros(len(seqs), L, dtype=torch.long)
@@ -117,7 +120,7 @@ def make_batch(seeds:list, # one scene seed per sequence
     return dict(input_ids=input_ids, attention_mask=mask, labels=labels, pixel_values=pixels(images, processor),
                 dense=torch.from_numpy(np.stack(dense)), present=torch.from_numpy(np.stack(present)))
 
-# %% ../nbs/10_testbed.ipynb #e7aa6b14
+# %% ../nbs/10_testbed.ipynb #8e2596f9
 class AuxHeads(nn.Module):
     "Training-only heads: presence of each colour–shape pair from [CLS], and the class of each projected patch token."
     def __init__(self, vision_hidden:int, text_hidden:int):
@@ -162,10 +165,7 @@ def _vision_batch(seeds, processor):
     images, dense, present = [], [], []
     for s in seeds:
         scene = render_scene(int(s)); images.append(scene.image)
-        dense.append(patch_targets(scene.label, scene.objects))
-        pres = np.zeros(len(COLOURS) * len(SHAPES), dtype=np.float32)
-        for o in scene.objects: pres[COLOURS.index(o.colour) * len(SHAPES) + SHAPES.index(o.shape)] = 1
-        present.append(pres)
+        dense.append(patch_targets(scene.label, scene.objects)); present.append(presence_targets(scene.objects))
     return dict(pixel_values=pixels(images, processor), dense=torch.from_numpy(np.stack(dense)),
                 present=torch.from_numpy(np.stack(present)))
 
