@@ -98,7 +98,7 @@ def packed_decode_mask(key_valid:torch.Tensor, # (B, Lc) bool: the packed prefil
     if "flash" in impl: return allowed.long()
     return _as_backend(allowed[:, None, None, :], impl, dtype)
 
-# %% ../nbs/04_decoder.ipynb #08d2a68a
+# %% ../nbs/04_decoder.ipynb #f21f57fb
 class LayerView:
     "What a decider sees at its layer, in that layer's (possibly packed) layout."
     def __init__(self, **kw): self.__dict__.update(kw)
@@ -145,7 +145,7 @@ class DecoderPruner:
         self.phase, self.types, self.L = "prefill", types, L
         self.index, self.valid = None, types != PAD
         self.pending, self.layer_keys = {}, [None] * self.n
-        self.prefill_tokens = torch.zeros(self.n, B, dtype=torch.long)
+        self.prefill_tokens = torch.zeros(self.n, B, dtype=torch.long, device=types.device)   # to the CPU once, in `end`
         self.decode_kv_tokens = []
         self.full_hidden = self.pe_full = self.pos_full = None
 
@@ -154,11 +154,13 @@ class DecoderPruner:
         "Start one decoding step."
         self.phase = "decode"
         self.attn2d = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
-        self._kv = None if self.attn2d is None else torch.zeros(self.n, attention_mask.shape[0], dtype=torch.long)
+        self._kv = None if self.attn2d is None else torch.zeros(self.n, attention_mask.shape[0], dtype=torch.long,
+                                                                device=attention_mask.device)
 
     def end(self):
         "End a forward call (the hooks go quiet until the next one)."
-        if self.phase == "decode" and self._kv is not None: self.decode_kv_tokens.append(self._kv)
+        if self.phase == "decode" and self._kv is not None: self.decode_kv_tokens.append(self._kv.cpu())
+        if self.phase == "prefill": self.prefill_tokens = self.prefill_tokens.cpu()
         self.phase = None
 
     @property
@@ -198,7 +200,7 @@ class DecoderPruner:
                 if self.pe_full is None:
                     self.pe_full, self.pos_full = kwargs.get("position_embeddings"), kwargs.get("position_ids")
                 if j in self.pending: hidden = self._pack(hidden, self.pending.pop(j))
-                self.prefill_tokens[j] = self.valid.sum(1).cpu()
+                self.prefill_tokens[j] = self.valid.sum(1)
                 self.layer_keys[j] = None if self.index is None else self.valid
                 if self.index is not None:
                     kwargs.update(attention_mask=self.mask, position_embeddings=self.pe)
@@ -212,8 +214,8 @@ class DecoderPruner:
                 new = self.attn2d[:, self.L:]
                 if keys is not None:
                     kwargs["attention_mask"] = packed_decode_mask(keys, new, self.impl(), hidden.dtype)
-                    self._kv[j] = (keys.sum(1) + new.sum(1)).cpu()
-                else: self._kv[j] = self.attn2d.sum(1).cpu()
+                    self._kv[j] = keys.sum(1) + new.sum(1)
+                else: self._kv[j] = self.attn2d.sum(1)
             if args: args = (hidden,) + tuple(args[1:])
             else: kwargs["hidden_states"] = hidden
             return args, kwargs
