@@ -6,13 +6,14 @@ __version__ = "0.1.0"
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/08_package.ipynb #bf9d9298
+# %% ../nbs/08_package.ipynb #7323f14c
 _LAZY = {
     "ToDREConfig": "config", "visual_budget": "config", "default_check_layer": "config",
     "select_diverse": "diversity", "pick_pivot": "diversity", "select_tokens": "diversity", "SELECTORS": "diversity",
     "get_adapter": "adapters", "ImageTokens": "adapters", "cls_attention": "adapters",
     "cross_modal_ratios": "decoder", "token_types": "decoder", "DecoderPruner": "decoder",
     "apply_todre": "core", "ToDREHandle": "core", "ToDREStats": "core", "select_visual": "core",
+    "apply_fastv": "baselines",
     "tiny_llava": "tiny", "sample_image": "tiny",
 }
 

@@ -139,7 +139,7 @@ class Stage2Check:
         keep = torch.ones(B, int(view.index.max()) + 1, dtype=torch.bool, device=types.device)
         return keep.scatter(1, view.index, keep_now | ~view.valid)
 
-# %% ../nbs/05_core.ipynb #bd1732c3
+# %% ../nbs/05_core.ipynb #875748cb
 def _bind(sig, args, kwargs):
     "Map positional arguments of forward/generate onto their names."
     names = [p for p in sig.parameters if p != "self"]
@@ -152,7 +152,9 @@ def _cache_len(kw):
 
 class ToDREHandle:
     "ToDRE attached to one model instance. `stats` describes the last call; `remove()` restores the model."
-    def __init__(self, model, cfg:ToDREConfig):
+    def __init__(self, model, cfg:ToDREConfig,
+                 rule=None, # decider to run at the check layer instead of `Stage2Check` (e.g. FastV's, `todre.baselines`)
+                ):
         self.model, self.cfg = model, cfg
         self.adapter = get_adapter(model)
         self.check_layer = cfg.resolve_check_layer(self.adapter.n_layers) if cfg.stage2 else None
@@ -160,7 +162,7 @@ class ToDREHandle:
         self.pruner = DecoderPruner(self.adapter.layers, self.adapter.rope(0), lambda: lm_cfg._attn_implementation)
         self.stage2 = None
         if cfg.stage2:
-            self.stage2 = Stage2Check(cfg.tau, cfg.rule)
+            self.stage2 = Stage2Check(cfg.tau, cfg.rule) if rule is None else rule
             self.pruner.add_decider(self.check_layer, self.stage2)
         self.stats, self._in_generate, self._removed = None, False, False
         cls = type(model)

@@ -35,9 +35,9 @@ def majority_baseline(samples:list) -> dict:
     preds = [major[q.family] for _, q in samples]
     return accuracy_by_family(preds, [q.answer for _, q in samples], [q.family for _, q in samples])
 
-# %% ../nbs/11_evaluate.ipynb #e7c4d6e6
+# %% ../nbs/11_evaluate.ipynb #c88b0953
 def evaluate(model, processor, samples:list, # `(scene, question)` pairs
-             cfg=None, # a `ToDREConfig` to attach for this evaluation, or None for the unpruned model
+             cfg=None, # a `ToDREConfig`, a function `model -> handle` (e.g. FastV), or None for the unpruned model
              blank:bool=False, # replace every image by a uniform grey one
              batch_size:int=16, progress:bool=True) -> dict:
     "Answer every question; return accuracy by family, POPE metrics and (with `cfg`) object coverage."
@@ -47,11 +47,13 @@ def evaluate(model, processor, samples:list, # `(scene, question)` pairs
     kept = []
     if cfg is None: preds = answer(model, processor, images, questions, batch_size, progress=progress)
     else:
-        with apply_todre(model, cfg) as h:
+        attach = cfg if callable(cfg) else (lambda m: apply_todre(m, cfg))
+        with attach(model) as h:
             preds = []
             for i in range(0, len(samples), batch_size):
                 preds += answer(model, processor, images[i:i + batch_size], questions[i:i + batch_size], batch_size)
-                kept += h.stats.kept
+                inside = getattr(h.stage2, "kept", None)          # an in-decoder method (FastV) reports what it kept
+                kept += inside if inside is not None else h.stats.kept
     answers, families = [q.answer for _, q in samples], [q.family for _, q in samples]
     res = dict(accuracy=accuracy_by_family(preds, answers, families), n=len(samples))
     ex = [i for i, f in enumerate(families) if f == "exist"]
@@ -78,18 +80,21 @@ def seconds_per_question(model, processor, samples:list, # `(scene, question)` p
         if i >= warmup: times.append(time.perf_counter() - t)
     return float(np.median(times))
 
-# %% ../nbs/11_evaluate.ipynb #663c8fbf
+# %% ../nbs/11_evaluate.ipynb #e3e3d9de
 def compare_selectors(model, processor, samples:list, # `(scene, question)` pairs
                       selectors=("maxsum", "kcenter", "cls_topk", "random", "pool"),
                       retains=(0.25, 0.10), # stage-1 retention ratios
                       with_todre:bool=True, # also evaluate full ToDRE (stage 1 max-sum + stage 2)
+                      with_fastv:bool=False, # also evaluate FastV (K = 2) at the same retention ratios
                       batch_size:int=16, progress:bool=True) -> list[dict]:
     "One row per setting: accuracy (overall and per family), POPE F1, object coverage and kept tokens."
     from tqdm.auto import tqdm
     from todre.config import ToDREConfig
+    from todre.baselines import apply_fastv
     settings = [("unpruned", 1.0, None)]
     settings += [(sel, r, ToDREConfig(retain=r, selector=sel, stage2=False)) for r in retains for sel in selectors]
     if with_todre: settings += [("todre (maxsum + stage 2)", r, ToDREConfig(retain=r)) for r in retains]
+    if with_fastv: settings += [("fastv (K=2)", r, (lambda m, r=r: apply_fastv(m, retain=r, K=2))) for r in retains]
     rows = []
     for name, r, cfg in tqdm(settings, disable=not progress, desc="settings"):
         res = evaluate(model, processor, samples, cfg=cfg, batch_size=batch_size, progress=False)
