@@ -22,14 +22,17 @@ def test_every_answer_is_one_token():
 
 def test_batch_labels_are_answers():
     _, proc = build_testbed()
-    b = make_batch([split_seed("train", 3)], proc, turns=2)
+    b = make_batch([split_seed("train", 3)], proc, np.random.default_rng(0), max_questions=2)
     lab = b["labels"][0][b["labels"][0] >= 0]
     assert len(lab) == 4 and lab[1] == proc.tokenizer.eos_token_id and lab[3] == proc.tokenizer.eos_token_id
-    assert b["dense"].shape == (1, 576) and b["present"].shape == (1, 24)
+    assert b["colour"].shape == (1, 576) and b["present"].shape == (1, 24)
+    m = b["attention_mask"][0, 0]
+    first, second = (b["labels"][0] >= 0).nonzero()[[0, 2], 0].tolist()
+    assert not m[second, first] and m[second, 5]          # a block sees the image, not the other block
 
 def test_training_is_deterministic():
-    logs = [train(steps=2, batch_size=1, turns=1, vision_steps=1, vision_batch=1, progress=False, log_every=1)[2]["log"] for _ in range(2)]
-    assert [r.get("lm", r["dense"]) for r in logs[0]] == [r.get("lm", r["dense"]) for r in logs[1]]
+    logs = [train(steps=2, batch_size=1, max_questions=2, vision_steps=1, vision_batch=1, progress=False, log_every=1)[2]["log"] for _ in range(2)]
+    assert [r.get("answer", r["shape"]) for r in logs[0]] == [r.get("answer", r["shape"]) for r in logs[1]]
 
 needs_weights = pytest.mark.skipif(not (TESTBED_PATH / "config.json").exists(), reason="no trained testbed shipped")
 

@@ -53,7 +53,7 @@ def alpha_curves(model, # a supported Hugging Face VLM (any attention backend)
         pruner.end(); pruner.remove(); bar.close()
     return dict(t2v=torch.stack([c.alpha_t2v for c in checks]), v2t=torch.stack([c.alpha_v2t for c in checks]))
 
-# %% ../nbs/17_migration.ipynb #da21c110
+# %% ../nbs/17_migration.ipynb #4087aff2
 def _last_logprobs(model, inputs):
     logits = model(**inputs).logits.float()
     mask = inputs.get("attention_mask")
@@ -67,13 +67,13 @@ def knockout_curve(model, # a supported Hugging Face VLM (any attention backend)
                    processor_outputs:dict, # the processor's outputs: input_ids, attention_mask, pixel_values, ...
                    layers:list|None=None, # 0-based layers after which the visual tokens are dropped (all by default)
                    progress:bool=True, # show a progress bar over the layers
-                  ) -> dict: # layer: list, kl: (n, B) float, top1_same: (n, B) bool
+                  ) -> dict: # layer: list, kl: (n, B) float, top1_same: (n, B) bool, top1: (n, B) token ids, ref_top1: (B,)
     "Drop every visual token after each layer in turn; how far does the next-token distribution move?"
     ad = get_adapter(model)
     layers = list(range(len(ad.layers))) if layers is None else [int(l) for l in layers]
     types = _types(ad, processor_outputs)
     ref = _last_logprobs(model, processor_outputs)
-    kl, same = [], []
+    kl, same, top1 = [], [], []
     for l in tqdm(layers, desc="knockout", disable=not progress):
         pruner = _pruner(ad)
         try:
@@ -83,9 +83,11 @@ def knockout_curve(model, # a supported Hugging Face VLM (any attention backend)
         finally:
             pruner.end(); pruner.remove()
         kl.append((ref.exp() * (ref - got)).sum(-1).clamp(min=0).cpu())
-        same.append((ref.argmax(-1) == got.argmax(-1)).cpu())
+        same.append((ref.argmax(-1) == got.argmax(-1)).cpu()); top1.append(got.argmax(-1).cpu())
     B = ref.shape[0]
-    return dict(layer=layers, kl=torch.stack(kl) if kl else torch.zeros(0, B), top1_same=torch.stack(same) if same else torch.zeros(0, B, dtype=torch.bool))
+    stack = lambda xs, dt: torch.stack(xs) if xs else torch.zeros(0, B, dtype=dt)
+    return dict(layer=layers, kl=stack(kl, torch.float32), top1_same=stack(same, torch.bool), top1=stack(top1, torch.long),
+                ref_top1=ref.argmax(-1).cpu())
 
 # %% ../nbs/17_migration.ipynb #52158bff
 GENERATED = TEXT + 1 # token group of the answer being generated, beyond the decoder's PAD/SYSTEM/VISUAL/TEXT

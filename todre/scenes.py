@@ -14,9 +14,9 @@ from PIL import Image, ImageDraw
 __all__ = ['IMAGE_SIZE', 'PATCH', 'GRID', 'SHAPES', 'COLOURS', 'SIZES', 'COLOUR_RGB', 'SIZE_PIXELS', 'MAX_OBJECTS', 'MARGIN',
            'FAMILIES', 'COUNT_WORDS', 'ANSWERS', 'NEGATIVE_KINDS', 'PLURALS', 'RELATIONS', 'MIN_SEPARATION',
            'TEMPLATES', 'SPLIT_OFFSETS', 'SMALL_AREA', 'shape_mask', 'render_background', 'SceneObject', 'Scene',
-           'render_scene', 'Question', 'relation_holds', 'scene_questions', 'split_words', 'question_vocabulary',
-           'split_seed', 'iter_samples', 'scene_features', 'make_scenes', 'show_scene', 'normalize_answer',
-           'accuracy_by_family', 'pope_metrics', 'patch_object_fraction', 'object_coverage']
+           'render_scene', 'Question', 'relation_holds', 'scene_questions', 'question_objects', 'split_words',
+           'question_vocabulary', 'split_seed', 'iter_samples', 'scene_features', 'make_scenes', 'show_scene',
+           'normalize_answer', 'accuracy_by_family', 'pope_metrics', 'patch_object_fraction', 'object_coverage']
 
 # %% ../nbs/09_scenes.ipynb #2d2b1bdd
 IMAGE_SIZE = 336 # side of every image, in pixels
@@ -305,7 +305,41 @@ def scene_questions(scene:Scene, # a rendered scene
     return (_exist_questions(objs, rng) + _attribute_questions(objs, rng) + _count_questions(objs, rng)
             + _spatial_questions(objs, rng) + _two_object_questions(objs, rng))
 
-# %% ../nbs/09_scenes.ipynb #6b78a9ac
+# %% ../nbs/09_scenes.ipynb #82f13f97
+def _template_regex(template):
+    "A regex with one named group per field of a question template."
+    pat = re.escape(template.lower())
+    for field in re.findall(r"\{(\w+)\}", template):
+        alt = "|".join(RELATIONS) if field == "relation" else r"\w+"
+        pat = pat.replace(re.escape("{" + field + "}"), f"(?P<{field}>{alt})")
+    return re.compile(pat)
+
+_QUESTION_PATTERNS = {k: _template_regex(t) for k, t in TEMPLATES.items()}
+
+def question_objects(scene:Scene, # the scene the question is about
+                     question:str, # a question produced by `scene_questions` (any case)
+                    ) -> list[int]: # indices into `scene.objects`, in the order the question names them
+    "The objects a benchmark question refers to (empty for a negative existence question)."
+    text = " ".join(question.lower().split())
+    objs = scene.objects
+    def find(colour=None, shape=None):
+        return [i for i, o in enumerate(objs) if colour in (None, o.colour) and shape in (None, o.shape)]
+    for kind, pat in _QUESTION_PATTERNS.items():
+        m = pat.fullmatch(text)
+        if m is None: continue
+        g = m.groupdict()
+        if kind == "exist": return find(g["colour"], g["shape"])
+        if kind == "colour": return find(shape=g["shape"])
+        if kind == "shape": return find(colour=g["colour"])
+        if kind == "count": return list(range(len(objs)))
+        if kind == "count_colour": return find(colour=g["colour"])
+        if kind == "count_shape": return find(shape={v: k for k, v in PLURALS.items()}[g["shapes"]])
+        if kind == "spatial": return find(g["colour1"], g["shape1"]) + find(g["colour2"], g["shape2"])
+        if kind == "same_colour": return find(shape=g["shape1"]) + find(shape=g["shape2"])
+        return find(colour=g["colour1"]) + find(colour=g["colour2"])        # same_shape
+    raise ValueError(f"not a question of this benchmark: {question!r}")
+
+# %% ../nbs/09_scenes.ipynb #de4e40e7
 def split_words(text:str) -> list[str]:
     "Lowercase words, digits and single punctuation marks of `text`, in order."
     return re.findall(r"[a-z]+|[0-9]+|[^\sa-z0-9]", text.lower())
@@ -317,7 +351,7 @@ def question_vocabulary() -> list[str]:
     words |= {w for answers in ANSWERS.values() for w in answers}
     return sorted({w for phrase in words for w in split_words(phrase)})
 
-# %% ../nbs/09_scenes.ipynb #365be9d6
+# %% ../nbs/09_scenes.ipynb #981055e2
 SPLIT_OFFSETS = {"train": 0, "val": 10**9, "test": 2 * 10**9}
 
 def split_seed(split:str, # "train", "val" or "test"
@@ -328,7 +362,7 @@ def split_seed(split:str, # "train", "val" or "test"
     if not 0 <= i < 10**9: raise ValueError(f"scene index must be in [0, 10**9), got {i}")
     return SPLIT_OFFSETS[split] + int(i)
 
-# %% ../nbs/09_scenes.ipynb #2afaa258
+# %% ../nbs/09_scenes.ipynb #f849006b
 def iter_samples(n:int, # number of scenes
                  split:str="train", # which seed range
                  seed:int=0, # index of the first scene in the split
@@ -367,7 +401,7 @@ def make_scenes(n:int, # number of scenes (each gives several rows)
                              answer=q.answer, negative=q.negative, objects=objects).items(): rows[k].append(v)
     return datasets.Dataset.from_dict(rows, features=features)
 
-# %% ../nbs/09_scenes.ipynb #59276145
+# %% ../nbs/09_scenes.ipynb #9ca7e235
 def show_scene(scene:Scene, # a rendered scene
                questions:list|None=None, # `Question`s to print under the image
                ax=None, # matplotlib axes; a new figure if None
@@ -394,7 +428,7 @@ def show_scene(scene:Scene, # a rendered scene
     ax.set_xticks([]); ax.set_yticks([])
     return ax
 
-# %% ../nbs/09_scenes.ipynb #f7beda83
+# %% ../nbs/09_scenes.ipynb #d9c5df00
 _ARTICLES = {"a", "an", "the"}
 
 def normalize_answer(text:str) -> str:
@@ -432,7 +466,7 @@ def pope_metrics(preds:list, # model outputs
     return dict(precision=precision, recall=recall, f1=f1, yes_ratio=sum(p for p, _ in pairs) / len(pairs),
                 accuracy=sum(p == a for p, a in pairs) / len(pairs))
 
-# %% ../nbs/09_scenes.ipynb #3669d415
+# %% ../nbs/09_scenes.ipynb #9999cf30
 SMALL_AREA = 1000 # pixels: every small object's mask is smaller, every medium one's larger
 
 def patch_object_fraction(label:np.ndarray, # uint8 (H, W) label mask: 0 background, i + 1 for object i

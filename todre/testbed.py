@@ -11,8 +11,8 @@ from .scenes import (render_scene, scene_questions, question_vocabulary, split_s
                           IMAGE_SIZE, normalize_answer)
 
 # %% auto #0
-__all__ = ['PROMPT', 'ARCH', 'TESTBED_PATH', 'testbed_tokenizer', 'build_testbed', 'pixels', 'patch_targets', 'presence_targets',
-           'make_batch', 'AuxHeads', 'train', 'save', 'load', 'answer']
+__all__ = ['PROMPT', 'ARCH', 'TESTBED_PATH', 'testbed_tokenizer', 'build_testbed', 'init_vision', 'pixels', 'patch_targets',
+           'presence_targets', 'make_batch', 'AuxHeads', 'train', 'save', 'load', 'answer']
 
 # %% ../nbs/10_testbed.ipynb #b042b00d
 PROMPT = "USER: <image>\n{question} ASSISTANT:"
@@ -66,7 +66,57 @@ def build_testbed(seed:int=0, # seed of the initial weights
     model.generation_config.eos_token_id = tok.eos_token_id
     return model, proc
 
-# %% ../nbs/10_testbed.ipynb #0f7009a9
+# %% ../nbs/10_testbed.ipynb #d5fecd1e
+def _gabor_filters(out:int, k:int, gen:torch.Generator, n_colour:int=12, colour_scale:float=0.25):
+    "(out, 3, k, k) patch filters: `n_colour` weak flat colour filters, then unit-norm oriented Gabor filters."
+    ys, xs = torch.meshgrid(torch.arange(k) - (k - 1) / 2, torch.arange(k) - (k - 1) / 2, indexing="ij")
+    W = torch.zeros(out, 3, k, k)
+    for o in range(out):
+        if o < n_colour:
+            W[o] = colour_scale * torch.randn(3, generator=gen)[:, None, None] / k
+            continue
+        th, lam, ph, sig = (torch.rand(4, generator=gen) * torch.tensor([math.pi, 14, 2 * math.pi, 4]) + torch.tensor([0, 4, 0, 2])).tolist()
+        cx, cy = ((torch.rand(2, generator=gen) - 0.5) * k * 0.8).tolist()
+        u = (xs - cx) * math.cos(th) + (ys - cy) * math.sin(th)
+        f = torch.exp(-((xs - cx) ** 2 + (ys - cy) ** 2) / (2 * sig ** 2)) * torch.cos(2 * math.pi * u / lam + ph)
+        f = f - f.mean()
+        W[o] = (f / (f.norm() + 1e-6))[None].expand(3, -1, -1) / math.sqrt(3)
+    return W
+
+def _sincos_2d(side:int, dim:int, temperature:float=100.0):
+    "(side², dim) 2-D sine–cosine position embeddings, row-major."
+    ys, xs = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32), indexing="ij")
+    q = dim // 4
+    omega = 1.0 / temperature ** (torch.arange(q) / q)
+    x, y = xs.flatten()[:, None] * omega, ys.flatten()[:, None] * omega
+    pe = torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], 1)
+    return torch.cat([pe, torch.zeros(side * side, dim - pe.shape[1])], 1)
+
+@torch.no_grad()
+def init_vision(tower, # the testbed's `CLIPVisionModel`
+                seed:int=0, position_scale:float=0.5, qk_scale:float=2.0, residual_scale:float=0.05,
+                rectify_in:float=3.0, rectify_out:float=0.5):
+    "Structured initialisation of a CLIP tower trained from scratch (see above); returns the tower."
+    gen = torch.Generator().manual_seed(seed)
+    emb = tower.embeddings
+    d = emb.patch_embedding.weight.shape[0]
+    emb.patch_embedding.weight.copy_(_gabor_filters(d, emb.patch_embedding.weight.shape[-1], gen))
+    side = int(round((emb.position_embedding.weight.shape[0] - 1) ** 0.5))
+    emb.position_embedding.weight[1:] = _sincos_2d(side, d) * position_scale
+    for layer in tower.encoder.layers:
+        a = layer.self_attn
+        A = torch.randn(d, d, generator=gen) / d ** 0.5 * qk_scale
+        a.q_proj.weight.copy_(A); a.k_proj.weight.copy_(A)
+        a.out_proj.weight.mul_(residual_scale); layer.mlp.fc2.weight.mul_(residual_scale)
+    fc1, fc2 = tower.encoder.layers[0].mlp.fc1, tower.encoder.layers[0].mlp.fc2
+    eye = torch.eye(d)
+    fc1.weight[:d], fc1.weight[d:2 * d] = eye * rectify_in, -eye * rectify_in
+    fc1.bias[:2 * d] = 0
+    fc2.weight.zero_(); fc2.bias.zero_()
+    fc2.weight[:, :d] = fc2.weight[:, d:2 * d] = eye * rectify_out / rectify_in
+    return tower
+
+# %% ../nbs/10_testbed.ipynb #f674b519
 def pixels(images, processor) -> torch.Tensor:
     "Normalised pixel values of 336×336 RGB images, identical to the processor's output."
     ip = processor.image_processor
@@ -74,14 +124,18 @@ def pixels(images, processor) -> torch.Tensor:
     x = (x - np.array(ip.image_mean, dtype=np.float32)) / np.array(ip.image_std, dtype=np.float32)
     return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
 
-def patch_targets(label:np.ndarray, objects) -> np.ndarray:
-    "Class of the object covering most of each patch (0: background, else 1 + colour·|SHAPES| + shape), (576,)."
-    cls = np.zeros(len(objects) + 1, dtype=np.int64)
-    for i, o in enumerate(objects): cls[i + 1] = 1 + COLOURS.index(o.colour) * len(SHAPES) + SHAPES.index(o.shape)
+def patch_targets(label:np.ndarray, objects) -> dict:
+    "Per patch (576,): `owner` (object index, -1 background), `colour` and `shape` (0 background, else 1 + index), `centre` (0/1)."
+    n = len(objects)
     patches = label.reshape(GRID, PATCH, GRID, PATCH).transpose(0, 2, 1, 3).reshape(GRID * GRID, PATCH * PATCH)
-    counts = np.stack([(patches == j).sum(1) for j in range(len(objects) + 1)], 1)
+    counts = np.stack([(patches == j).sum(1) for j in range(n + 1)], 1)
     counts[:, 0] = counts[:, 0] // 2                       # a patch half covered by an object belongs to it
-    return cls[counts.argmax(1)]
+    owner = counts.argmax(1) - 1
+    colour = np.array([0] + [1 + COLOURS.index(o.colour) for o in objects])[owner + 1]
+    shape = np.array([0] + [1 + SHAPES.index(o.shape) for o in objects])[owner + 1]
+    centre = np.zeros(GRID * GRID, np.int64)
+    for o in objects: centre[int(o.center[1] // PATCH) * GRID + int(o.center[0] // PATCH)] = 1
+    return dict(owner=owner, colour=colour, shape=shape, centre=centre)
 
 def presence_targets(objects) -> np.ndarray:
     "1 for every colour–shape pair present in the scene (the [CLS] objective), (|COLOURS|·|SHAPES|,)."
@@ -89,97 +143,149 @@ def presence_targets(objects) -> np.ndarray:
     for o in objects: pres[COLOURS.index(o.colour) * len(SHAPES) + SHAPES.index(o.shape)] = 1
     return pres
 
+# %% ../nbs/10_testbed.ipynb #45b22e01
+def _scene_batch(seeds, processor, rng, max_objects=None):
+    "Scenes, pixels and dense targets (plus object-pooling matrices) for a list of scene seeds."
+    scenes = [render_scene(int(s), None if max_objects is None else int(rng.integers(1, max_objects + 1))) for s in seeds]
+    tg = [patch_targets(s.label, s.objects) for s in scenes]
+    stack = lambda k: torch.from_numpy(np.stack([t[k] for t in tg]))
+    pool = torch.zeros(len(scenes), 8, GRID * GRID); pool_shape = torch.full((len(scenes), 8), -100)
+    for i, (s, t) in enumerate(zip(scenes, tg)):
+        for j, o in enumerate(s.objects):
+            m = torch.from_numpy(t["owner"] == j)
+            if m.any(): pool[i, j] = m.float() / m.sum(); pool_shape[i, j] = SHAPES.index(o.shape)
+    return scenes, dict(pixel_values=pixels([s.image for s in scenes], processor), owner=stack("owner"),
+                        colour=stack("colour"), shape=stack("shape"), centre=stack("centre"),
+                        present=torch.from_numpy(np.stack([presence_targets(s.objects) for s in scenes])),
+                        pool=pool, pool_shape=pool_shape)
+
 def make_batch(seeds:list, # one scene seed per sequence
-               processor, turns:int=3, # question-answer turns per sequence
-               rng:np.random.Generator|None=None,
+               processor, rng:np.random.Generator|None=None, # picks the questions (and object counts)
+               max_questions:int=16, # question blocks per sequence
                max_objects:int|None=None, # draw 1..max_objects objects per scene (None: the benchmark's own mix)
-              ):
-    "Input ids, labels, pixels and auxiliary targets for a list of scene seeds."
+              ) -> dict:
+    "Packed question blocks over one image per sequence: ids, positions, block mask, labels, pointers, pixels, targets."
+    from todre.scenes import question_objects
     tok = processor.tokenizer
     rng = rng or np.random.default_rng(0)
-    n_img = processor.image_seq_length if hasattr(processor, "image_seq_length") else GRID * GRID
-    seqs, labs, images, dense, present = [], [], [], [], []
-    for s in seeds:
-        scene = render_scene(int(s), None if max_objects is None else int(rng.integers(1, max_objects + 1)))
-        qs = scene_questions(scene, int(s))
-        pick = rng.choice(len(qs), size=min(turns, len(qs)), replace=False)
-        ids, lab = [], []
-        for t, j in enumerate(pick):
-            q = qs[j]
-            prompt = PROMPT.format(question=q.question) if t == 0 else f"USER: {q.question} ASSISTANT:"
-            p = tok(prompt.replace("<image>", "<image>" * n_img), add_special_tokens=False)["input_ids"]
-            a = tok(q.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            ids += p + a; lab += [-100] * len(p) + a
-        seqs.append(ids); labs.append(lab); images.append(scene.image)
-        dense.append(patch_targets(scene.label, scene.objects)); present.append(presence_targets(scene.objects))
-    L = max(map(len, seqs))
-    input_ids = torch.full((len(seqs), L), tok.pad_token_id); labels = torch.full((len(seqs), L), -100)
-    mask = torch.zeros(len(seqs), L, dtype=torch.long)
-    for i, (s, l) in enumerate(zip(seqs, labs)):
-        input_ids[i, :len(s)] = torch.tensor(s); labels[i, :len(l)] = torch.tensor(l); mask[i, :len(s)] = 1
-    return dict(input_ids=input_ids, attention_mask=mask, labels=labels, pixel_values=pixels(images, processor),
-                dense=torch.from_numpy(np.stack(dense)), present=torch.from_numpy(np.stack(present)))
+    scenes, out = _scene_batch(seeds, processor, rng, max_objects)
+    prefix = tok(PROMPT.split("<image>")[0] + "<image>" * (GRID * GRID), add_special_tokens=False)["input_ids"]
+    P, img0 = len(prefix), prefix.index(tok.convert_tokens_to_ids("<image>"))
+    tail = PROMPT.split("<image>")[1]
+    rows, ptr = [], []
+    for r, (sc, own) in enumerate(zip(scenes, out["owner"].numpy())):
+        qs = scene_questions(sc, int(rng.integers(1 << 30)))
+        qs = [qs[i] for i in rng.permutation(len(qs))[:max_questions]]
+        ids, pos, blk, lab, fam = list(prefix), list(range(P)), [0] * P, [-100] * P, [None] * P
+        for j, q in enumerate(qs):
+            qi = tok(tail.format(question=q.question), add_special_tokens=False)["input_ids"]
+            a = tok(q.answer, add_special_tokens=False)["input_ids"]
+            start, n = len(ids), len(qi) + 2
+            ids += qi + a + [tok.eos_token_id]; pos += list(range(P, P + n)); blk += [j + 1] * n
+            lab += [-100] * len(qi) + a + [tok.eos_token_id]; fam += [None] * len(qi) + [q.family, None]
+            refs = [] if q.family == "count" else question_objects(sc, q.question)
+            tgt = img0 + np.flatnonzero(np.isin(own, refs)) if refs else []
+            if len(tgt): ptr.append((r, start + len(qi) - 1, tgt))
+        rows.append((ids, pos, blk, lab, fam))
+    B, L = len(rows), max(len(r[0]) for r in rows)
+    input_ids = torch.full((B, L), tok.pad_token_id); position_ids = torch.zeros(B, L, dtype=torch.long)
+    blocks = torch.full((B, L), -1); labels = torch.full((B, L), -100); families = []
+    for i, (ids, pos, blk, lab, fam) in enumerate(rows):
+        n = len(ids)
+        input_ids[i, :n] = torch.tensor(ids); position_ids[i, :n] = torch.tensor(pos)
+        blocks[i, :n] = torch.tensor(blk); labels[i, :n] = torch.tensor(lab); families.append(fam + [None] * (L - n))
+    i = torch.arange(L)
+    bq, bk = blocks[:, :, None], blocks[:, None, :]
+    mask = (i[:, None] >= i[None, :]) & ((bk == 0) | (bk == bq)) & (bk >= 0) | torch.eye(L, dtype=torch.bool)
+    targets = torch.zeros(len(ptr), L, dtype=torch.bool)
+    for n_, (_, _, t) in enumerate(ptr): targets[n_, torch.as_tensor(t)] = True
+    out.update(input_ids=input_ids, position_ids=position_ids, attention_mask=mask[:, None], labels=labels,
+               families=families, pointer_row=torch.tensor([p[0] for p in ptr], dtype=torch.long),
+               pointer_query=torch.tensor([p[1] for p in ptr], dtype=torch.long), pointer_targets=targets)
+    return out
 
-# %% ../nbs/10_testbed.ipynb #8e2596f9
+# %% ../nbs/10_testbed.ipynb #f92ec89c
 class AuxHeads(nn.Module):
-    "Training-only heads: presence of each colour–shape pair from [CLS], and the class of each projected patch token."
+    "Training-only heads: [CLS] presence of colour–shape pairs; per projected patch token its colour, shape and centre flag."
     def __init__(self, vision_hidden:int, text_hidden:int):
         super().__init__()
-        n = len(COLOURS) * len(SHAPES)
-        self.present, self.dense = nn.Linear(vision_hidden, n), nn.Linear(text_hidden, n + 1)
+        self.present = nn.Linear(vision_hidden, len(COLOURS) * len(SHAPES))
+        self.colour, self.shape, self.centre = nn.Linear(text_hidden, len(COLOURS) + 1), nn.Linear(text_hidden, len(SHAPES) + 1), nn.Linear(text_hidden, 2)
 
 def _word_ids(tok, words): return torch.tensor([tok.convert_tokens_to_ids(w) for w in words])
 
-def _aux_losses(model, aux, vout, b, tok):
-    "[CLS] presence; the class of each projected patch token; grounding of object tokens in their colour and shape words."
-    feats = vout.hidden_states[model.config.vision_feature_layer][:, 1:]
-    tokens = model.model.multi_modal_projector(feats)                                   # (B, 576, text_hidden)
-    present = F.binary_cross_entropy_with_logits(aux.present(vout.pooler_output), b["present"])
-    dense = F.cross_entropy(aux.dense(tokens).flatten(0, 1), b["dense"].flatten())
+def _aux_losses(model, aux, b, tok, vision_grad:bool=True):
+    "Projected patch tokens and the auxiliary losses of a batch."
+    with torch.set_grad_enabled(vision_grad and torch.is_grad_enabled()):
+        vout = model.model.vision_tower(b["pixel_values"], output_hidden_states=True)
+    tokens = model.model.multi_modal_projector(vout.hidden_states[model.config.vision_feature_layer][:, 1:])
+    obj = b["shape"] > 0
     E = model.model.language_model.embed_tokens.weight
-    obj = b["dense"] > 0
-    if obj.any():
-        t, c = tokens[obj], b["dense"][obj] - 1
-        ground = (F.cross_entropy(t @ E[_word_ids(tok, COLOURS).to(E.device)].T, c // len(SHAPES))
-                  + F.cross_entropy(t @ E[_word_ids(tok, SHAPES).to(E.device)].T, c % len(SHAPES)))
-    else: ground = tokens.sum() * 0
-    return tokens, present, dense, ground
+    t = tokens[obj]
+    L = dict(present=F.binary_cross_entropy_with_logits(aux.present(vout.pooler_output), b["present"]),
+             colour=F.cross_entropy(aux.colour(tokens).flatten(0, 1), b["colour"].flatten()),
+             shape=F.cross_entropy(aux.shape(tokens)[obj], b["shape"][obj]) if obj.any() else tokens.sum() * 0,
+             centre=F.cross_entropy(aux.centre(tokens).flatten(0, 1), b["centre"].flatten(), weight=tokens.new_tensor([1.0, 5.0])),
+             pool=F.cross_entropy(aux.shape(b["pool"] @ tokens)[..., 1:].flatten(0, 1), b["pool_shape"].flatten(), ignore_index=-100),
+             ground=(F.cross_entropy(t @ E[_word_ids(tok, COLOURS).to(E.device)].T, b["colour"][obj] - 1)
+                     + F.cross_entropy(t @ E[_word_ids(tok, SHAPES).to(E.device)].T, b["shape"][obj] - 1)) if obj.any() else tokens.sum() * 0)
+    return tokens, L
 
-def _losses(model, aux, b, aux_weight, tok):
-    vout = model.model.vision_tower(b["pixel_values"], output_hidden_states=True)
-    image_features, present, dense, ground = _aux_losses(model, aux, vout, b, tok)
-    emb = model.model.language_model.embed_tokens(b["input_ids"])
-    emb = emb.masked_scatter((b["input_ids"] == model.config.image_token_id)[..., None], image_features.to(emb.dtype))
-    hidden = model.model.language_model(inputs_embeds=emb, attention_mask=b["attention_mask"]).last_hidden_state
-    logits = model.lm_head(hidden[:, :-1]).float()
-    lm = F.cross_entropy(logits.flatten(0, 1), b["labels"][:, 1:].flatten(), ignore_index=-100)
-    parts = dict(lm=lm.item(), present=present.item(), dense=dense.item(), ground=ground.item())
-    return lm + aux_weight * (present + dense + ground), parts
+def _lm_losses(model, tokens, b, pointer_layer):
+    "Answer loss, pointer loss, and per-family correctness of the answers of a packed batch."
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    lm = model.model.language_model
+    attn = lm.layers[pointer_layer].self_attn
+    cap = {}
+    hooks = [attn.q_proj.register_forward_hook(lambda m, a, o: cap.__setitem__("q", o)),
+             attn.k_proj.register_forward_hook(lambda m, a, o: cap.__setitem__("k", o))]
+    try:
+        emb = lm.embed_tokens(b["input_ids"])
+        emb = emb.masked_scatter((b["input_ids"] == model.config.image_token_id)[..., None], tokens.to(emb.dtype))
+        h = lm(inputs_embeds=emb, attention_mask=b["attention_mask"], position_ids=b["position_ids"]).last_hidden_state
+    finally:
+        for x in hooks: x.remove()
+    sel = b["labels"][:, 1:] >= 0
+    logits = model.lm_head(h[:, :-1][sel]).float()
+    target = b["labels"][:, 1:][sel]
+    answer = F.cross_entropy(logits, target)
+    fams = [f for row in b["families"] for f in row[1:]]
+    fams = [f for f, s in zip(fams, sel.flatten().tolist()) if s]
+    right = {}
+    for f, ok in zip(fams, (logits.argmax(-1) == target).tolist()):
+        if f is not None: right.setdefault(f, []).append(ok)
+    pointer = answer * 0
+    if len(b["pointer_row"]):
+        H, hd = attn.config.num_attention_heads, attn.head_dim
+        B, L, _ = emb.shape
+        q = cap["q"].view(B, L, -1, hd).transpose(1, 2); k = cap["k"].view(B, L, -1, hd).transpose(1, 2)
+        cos, sin = lm.rotary_emb(emb, b["position_ids"])
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        k = k.repeat_interleave(H // k.shape[1], 1)
+        r, qp = b["pointer_row"], b["pointer_query"]
+        s = torch.einsum("nhd,nhld->nhl", q[r, :, qp], k[r]) * attn.scaling
+        p = s.masked_fill(~b["attention_mask"][r, 0, qp][:, None], float("-inf")).softmax(-1)
+        mass = (p * b["pointer_targets"][:, None]).sum(-1).mean(1)
+        pointer = -torch.log(mass + 1e-6).mean()
+    return answer, pointer, right
 
-def _vision_losses(model, aux, b, tok):
-    vout = model.model.vision_tower(b["pixel_values"], output_hidden_states=True)
-    _, present, dense, ground = _aux_losses(model, aux, vout, b, tok)
-    return present + dense + ground, dict(present=present.item(), dense=dense.item(), ground=ground.item())
+def _cosine(opt, steps, warmup=0, flat=0.0):
+    "Linear warm-up, then constant for a `flat` fraction of the steps, then cosine decay to zero."
+    def f(s):
+        w = min(1.0, (s + 1) / warmup) if warmup else 1.0
+        start = flat * steps
+        return w * (1.0 if s < start else 0.5 * (1 + math.cos(math.pi * min(1.0, (s - start) / max(1.0, steps - start)))))
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
 
-def _vision_batch(seeds, processor):
-    images, dense, present = [], [], []
-    for s in seeds:
-        scene = render_scene(int(s)); images.append(scene.image)
-        dense.append(patch_targets(scene.label, scene.objects)); present.append(presence_targets(scene.objects))
-    return dict(pixel_values=pixels(images, processor), dense=torch.from_numpy(np.stack(dense)),
-                present=torch.from_numpy(np.stack(present)))
-
-def _schedule(opt, steps, warmup):
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1, s / steps))))
-
-def train(steps:int=650, # optimiser steps of the full model (phase 2)
-          batch_size:int=8, # sequences per step
-          turns:int=4, # question-answer turns per sequence
-          vision_steps:int=250, # phase 1: steps that train the vision tower alone on the auxiliary objectives
+def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the auxiliary objectives
+          steps:int=800, # phase 2: steps of the whole model on packed question blocks
           vision_batch:int=16, # images per phase-1 step
-          easy_fraction:float=0.4, # phase 2 starts with scenes of at most `easy_objects` objects for this fraction of steps
-          easy_objects:int=3,
-          lr:float=1.5e-3, warmup:int=50, aux_weight:float=0.5,
+          batch_size:int=8, # images per phase-2 step (each with up to `max_questions` questions)
+          max_questions:int=16,
+          vision_lr:float=1e-3, lr:float=2e-3, warmup:int=50,
+          shape_first:float=0.4, # phase 1: fraction of steps that train the shape objectives alone
+          easy_fraction:float=0.3, easy_objects:int=3, # phase 2 curriculum: few objects first
+          aux_weight:float=0.3, pointer_layer:int=2, pointer_weight:float=1.0,
           seed:int=0, # seeds the weights, the data order and the scenes
           out:str|None=None, # directory to save the trained model to (and checkpoints while training)
           checkpoint_every:int=100, device:str="cpu", log_every:int=25, progress:bool=True):
@@ -187,45 +293,54 @@ def train(steps:int=650, # optimiser steps of the full model (phase 2)
     from tqdm.auto import tqdm
     torch.manual_seed(seed)
     model, proc = build_testbed(seed)
+    init_vision(model.model.vision_tower, seed)
     model.to(device).train()
     aux = AuxHeads(model.config.vision_config.hidden_size, model.config.text_config.hidden_size).to(device)
     tok = proc.tokenizer
     rng = np.random.default_rng(seed)
     log, t0 = [], time.perf_counter()
     draw = lambda n: [split_seed("train", int(x)) for x in rng.integers(0, 10**8, n)]
-    # phase 1: the vision tower and projector learn what is where (dense), what is present ([CLS]) and which colour
-    # and shape words each object's tokens stand for (grounding in the word-embedding space), like a pretrained CLIP
+    to = lambda b: {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+    stamp = lambda: round(time.perf_counter() - t0, 1)
     vparams = (list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
                + [model.model.language_model.embed_tokens.weight] + list(aux.parameters()))
-    opt = torch.optim.AdamW(vparams, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = _schedule(opt, vision_steps, warmup)
+    opt = torch.optim.AdamW(vparams, lr=vision_lr, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = _cosine(opt, vision_steps, flat=0.8)
     for step in tqdm(range(vision_steps), disable=not progress, desc="phase 1: vision tower"):
-        b = {k: v.to(device) for k, v in _vision_batch(draw(vision_batch), proc).items()}
-        loss, parts = _vision_losses(model, aux, b, tok)
+        _, b = _scene_batch(draw(vision_batch), proc, rng)
+        _, L = _aux_losses(model, aux, to(b), tok)
+        loss = L["shape"] + L["pool"] if step < shape_first * vision_steps else sum(L.values())
         opt.zero_grad(set_to_none=True); loss.backward()
-        torch.nn.utils.clip_grad_norm_(vparams, 1.0); opt.step(); sched.step()
+        torch.nn.utils.clip_grad_norm_(vparams, 5.0); opt.step(); sched.step()
         if step % log_every == 0 or step == vision_steps - 1:
-            log.append(dict(phase=1, step=step, seconds=round(time.perf_counter() - t0, 1), **{k: round(v, 4) for k, v in parts.items()}))
-    # phase 2: everything, on question-answer turns, with the auxiliary objectives kept on
+            log.append(dict(phase=1, step=step, seconds=stamp(), **{k: round(v.item(), 4) for k, v in L.items()}))
     params = list(model.parameters()) + list(aux.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = _schedule(opt, steps, warmup)
+    sched = _cosine(opt, steps, warmup)
     bar = tqdm(range(steps), disable=not progress, desc="phase 2: full model")
+    right = {}
     for step in bar:
-        easy = step < easy_fraction * steps                       # a curriculum: few objects first, then the full mix
-        b = {k: v.to(device) for k, v in make_batch(draw(batch_size), proc, turns, rng, easy_objects if easy else None).items()}
-        loss, parts = _losses(model, aux, b, aux_weight, tok)
+        easy = step < easy_fraction * steps
+        b = to(make_batch(draw(batch_size), proc, rng, max_questions, easy_objects if easy else None))
+        tokens, L = _aux_losses(model, aux, b, tok)
+        answer, pointer, ok = _lm_losses(model, tokens, b, pointer_layer)
+        loss = answer + pointer_weight * pointer + aux_weight * sum(L.values())
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); sched.step()
+        for f, v in ok.items(): right.setdefault(f, []).extend(v)
         if step % log_every == 0 or step == steps - 1:
-            log.append(dict(phase=2, step=step, seconds=round(time.perf_counter() - t0, 1), **{k: round(v, 4) for k, v in parts.items()}))
-            bar.set_postfix(lm=f"{parts['lm']:.3f}", dense=f"{parts['dense']:.3f}")
+            acc = {f"train_acc_{f}": round(float(np.mean(v)), 3) for f, v in sorted(right.items())}
+            log.append(dict(phase=2, step=step, seconds=stamp(), answer=round(answer.item(), 4), pointer=round(pointer.item(), 4),
+                            **{k: round(v.item(), 4) for k, v in L.items()}, **acc))
+            bar.set_postfix(answer=f"{answer.item():.3f}", acc=f"{np.mean([x for v in right.values() for x in v]):.2f}")
+            right = {}
         if out and checkpoint_every and (step + 1) % checkpoint_every == 0: save(model, proc, out, dict(log=log, step=step + 1))
     model.eval()
-    info = dict(steps=steps, batch_size=batch_size, turns=turns, vision_steps=vision_steps, vision_batch=vision_batch,
-                easy_fraction=easy_fraction, easy_objects=easy_objects, lr=lr,
-                warmup=warmup, aux_weight=aux_weight, seed=seed, seconds=round(time.perf_counter() - t0, 1), device=str(device),
-                torch=torch.__version__, log=log)
+    info = dict(vision_steps=vision_steps, steps=steps, vision_batch=vision_batch, batch_size=batch_size,
+                max_questions=max_questions, vision_lr=vision_lr, lr=lr, warmup=warmup, shape_first=shape_first,
+                easy_fraction=easy_fraction, easy_objects=easy_objects, aux_weight=aux_weight, pointer_layer=pointer_layer,
+                pointer_weight=pointer_weight, seed=seed, seconds=stamp(), device=str(device), torch=torch.__version__,
+                threads=torch.get_num_threads(), log=log)
     if out: save(model, proc, out, info)
     return model, proc, info
 
@@ -235,7 +350,7 @@ def save(model, processor, path:str, info:dict|None=None):
     model.save_pretrained(path); processor.save_pretrained(path)
     if info is not None: (path / "training.json").write_text(json.dumps(info, indent=1))
 
-# %% ../nbs/10_testbed.ipynb #b00711d3
+# %% ../nbs/10_testbed.ipynb #a19b57dc
 def _package_dir():
     import todre
     return Path(todre.__file__).parent
@@ -255,7 +370,7 @@ def load(path:str|None=None, # directory of a saved testbed (default: the one sh
         proc = AutoProcessor.from_pretrained(path)
     return model, proc
 
-# %% ../nbs/10_testbed.ipynb #9767c6fe
+# %% ../nbs/10_testbed.ipynb #2ebc6d22
 @torch.no_grad()
 def answer(model, processor, images:list, questions:list, # PIL images and their questions
            batch_size:int=16, max_new_tokens:int=1, progress:bool=False) -> list[str]:
