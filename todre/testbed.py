@@ -204,7 +204,7 @@ def make_batch(seeds:list, # one scene seed per sequence
                pointer_query=torch.tensor([p[1] for p in ptr], dtype=torch.long), pointer_targets=targets)
     return out
 
-# %% ../nbs/10_testbed.ipynb #f92ec89c
+# %% ../nbs/10_testbed.ipynb #98366185
 class AuxHeads(nn.Module):
     "Training-only heads: [CLS] presence of colour–shape pairs; per projected patch token its colour, shape and centre flag."
     def __init__(self, vision_hidden:int, text_hidden:int):
@@ -314,7 +314,8 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
         torch.nn.utils.clip_grad_norm_(vparams, 5.0); opt.step(); sched.step()
         if step % log_every == 0 or step == vision_steps - 1:
             log.append(dict(phase=1, step=step, seconds=stamp(), **{k: round(v.item(), 4) for k, v in L.items()}))
-    params = list(model.parameters()) + list(aux.parameters())
+    model.model.vision_tower.requires_grad_(False)              # phase 2 keeps the tower phase 1 trained
+    params = [p for p in model.parameters() if p.requires_grad] + list(aux.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = _cosine(opt, steps, warmup)
     bar = tqdm(range(steps), disable=not progress, desc="phase 2: full model")
@@ -322,7 +323,8 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
     for step in bar:
         easy = step < easy_fraction * steps
         b = to(make_batch(draw(batch_size), proc, rng, max_questions, easy_objects if easy else None))
-        tokens, L = _aux_losses(model, aux, b, tok)
+        tokens, L = _aux_losses(model, aux, b, tok, vision_grad=False)
+        L.pop("present")                                        # a loss of the frozen tower alone
         answer, pointer, ok = _lm_losses(model, tokens, b, pointer_layer)
         loss = answer + pointer_weight * pointer + aux_weight * sum(L.values())
         opt.zero_grad(set_to_none=True); loss.backward()
@@ -335,6 +337,7 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
             bar.set_postfix(answer=f"{answer.item():.3f}", acc=f"{np.mean([x for v in right.values() for x in v]):.2f}")
             right = {}
         if out and checkpoint_every and (step + 1) % checkpoint_every == 0: save(model, proc, out, dict(log=log, step=step + 1))
+    model.model.vision_tower.requires_grad_(True)
     model.eval()
     info = dict(vision_steps=vision_steps, steps=steps, vision_batch=vision_batch, batch_size=batch_size,
                 max_questions=max_questions, vision_lr=vision_lr, lr=lr, warmup=warmup, shape_first=shape_first,
