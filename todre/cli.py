@@ -12,7 +12,7 @@ from .config import ToDREConfig, SELECTOR_NAMES, PIVOTS, NEWLINE_MODES, POSITION
 # %% auto #0
 __all__ = ['build_parser', 'config_from_args', 'load_model', 'load_image', 'demo', 'main']
 
-# %% ../nbs/07_cli.ipynb #ca565c5c
+# %% ../nbs/07_cli.ipynb #39aa1650
 def build_parser() -> argparse.ArgumentParser:
     "The `todre` command-line parser."
     p = argparse.ArgumentParser(prog="todre", description="ToDRE visual-token pruning for Hugging Face VLMs.")
@@ -21,8 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Run the unmodified model and ToDRE on one image and prompt; print tokens kept per stage "
                                    "and per layer, the stage-2 attention ratios and times; save a map of the kept tokens.")
-    d.add_argument("--model", default="tiny-llava", help="'tiny-llava' or 'tiny-llava-next' (random weights, real geometry), "
-                   "'testbed' (a trained testbed saved with the package), or a Hub id / local path of a LLaVA or LLaVA-NeXT checkpoint")
+    d.add_argument("--model", default="testbed", help="'testbed' (the trained testbed shipped with todre), 'tiny-llava' or "
+                   "'tiny-llava-next' (random weights, real geometry), or a Hub id / local path of a LLaVA or LLaVA-NeXT checkpoint")
     d.add_argument("--image", default=None, help="'scene:N' (test scene N of the benchmark), a scikit-image sample name "
                    "(astronaut, coffee, chelsea, rocket, ...) or an image file (default: scene:0 for the testbed, coffee otherwise)")
     d.add_argument("--question", default=None, help="the question (default: one of the scene's own questions, or "
@@ -95,7 +95,7 @@ def load_image(image:str # "scene:N", a sample name or a file path
     if not Path(image).exists(): raise FileNotFoundError(f"no image file {image!r} and no sample of that name; samples: {SAMPLE_IMAGES}")
     return Image.open(image).convert("RGB"), None
 
-# %% ../nbs/07_cli.ipynb #82da09f8
+# %% ../nbs/07_cli.ipynb #089e0ae1
 def _timed_generate(model, inputs, n):
     if inputs["input_ids"].is_cuda: torch.cuda.synchronize()
     t = time.perf_counter()
@@ -104,7 +104,7 @@ def _timed_generate(model, inputs, n):
     return out, time.perf_counter() - t
 
 def demo(cfg:ToDREConfig|None=None, # what ToDRE does (paper defaults when None)
-         model:str="tiny-llava", image:str|None=None, question:str|None=None,
+         model:str="testbed", image:str|None=None, question:str|None=None,
          max_new_tokens:int=8, device:str="cpu", dtype:str="auto", attn:str="sdpa",
          out:str|None="todre_demo.png", # PNG of the kept tokens ('' or None to skip)
          file=None, # where to print (default stdout)

@@ -145,7 +145,7 @@ def dataset_accuracy(model, processor, rows, # iterable of dicts with "image", "
     if n == 0: raise ValueError("no rows to evaluate")
     return right / n
 
-# %% ../nbs/11_evaluate.ipynb #e6b12434
+# %% ../nbs/11_evaluate.ipynb #5f0da409
 def testbed_report(model, processor, n_scenes:int=150, # held-out test scenes (all their questions)
                    seed:int=0, n_speed:int=20, batch_size:int=16, progress:bool=True) -> dict:
     "Accuracy (per family, POPE), blank-image accuracy, the majority baseline and speed of a model on the test split."
@@ -179,10 +179,14 @@ A small `LlavaForConditionalGeneration` trained from scratch on todre's syntheti
 - Auxiliary training heads (not shipped): colour–shape presence from [CLS]; per patch token its colour, shape and object-centre flag.
 
 ## Training
-- Data: scenes rendered on the fly from the train split's seeds. Phase 1: {info['vision_steps']} steps × {info['vision_batch']} images (vision tower, projector and word embeddings on the auxiliary objectives). Phase 2: {info['steps']} steps × {info['batch_size']} images × up to {info['max_questions']} packed question blocks (whole model).
+- Data: scenes rendered on the fly from the train split's seeds. Phase 1: {info['vision_steps']} steps × {info['vision_batch']} images (vision tower, projector and word embeddings on the auxiliary objectives). Phase 2: {info['steps']} steps × {info['batch_size']} images × up to {info['max_questions']} packed question blocks (projector, word embeddings and language model; the vision tower stays frozen).
 - Losses in phase 2: the answer, a pointer loss at decoder layer {info['pointer_layer']} (weight {info['pointer_weight']}: the answer's query is asked to attend to the image tokens of the objects the question names — so attention in that layer is shaped by training, which matters when reading attention-based analyses of this model), and the auxiliary losses (weight {info['aux_weight']}).
 - Recipe: `todre.testbed.train(vision_steps={info['vision_steps']}, steps={info['steps']}, batch_size={info['batch_size']}, lr={info['lr']}, vision_lr={info['vision_lr']}, seed={info['seed']})`; AdamW.
 - Time: {info['seconds'] / 60:.1f} min on {info['device']} with {info.get('threads', '?')} threads (torch {info['torch']}).
+
+## Limits
+- Trained only on full 24×24 grids at their original positions: it has never seen a pruned sequence, which matters for every pruning result obtained with it.
+- Compare the accuracy with the blank-image and majority columns below before reading anything into a family: where they are equal, the model does not use the image for that family.
 
 ## Results (held-out test split, {report['n_scenes']} scenes, {report['n_questions']} questions, unpruned, `todre.evaluate`)
 
