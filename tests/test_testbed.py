@@ -2,7 +2,8 @@
 import json, time
 import numpy as np, pytest, torch
 from todre.scenes import question_vocabulary, ANSWERS, render_scene, split_seed
-from todre.testbed import build_testbed, testbed_tokenizer, make_batch, train, TESTBED_PATH, PROMPT
+from todre.testbed import build_testbed, make_batch, train, TESTBED_PATH, PROMPT
+from todre.testbed import testbed_tokenizer as make_tokenizer
 
 def test_architecture():
     model, proc = build_testbed()
@@ -14,7 +15,7 @@ def test_architecture():
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 576
 
 def test_every_answer_is_one_token():
-    tok = testbed_tokenizer()
+    tok = make_tokenizer()
     for fam, answers in ANSWERS.items():
         for a in answers: assert len(tok(a, add_special_tokens=False)["input_ids"]) == 1, (fam, a)
     ids = tok(" ".join(question_vocabulary()), add_special_tokens=False)["input_ids"]
