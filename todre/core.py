@@ -13,7 +13,7 @@ from .adapters import get_adapter, ImageTokens
 from .decoder import (DecoderPruner, token_types, compaction_index, attention_rows, PAD, SYSTEM, VISUAL, TEXT)
 
 # %% auto #0
-__all__ = ['select_visual', 'ToDREStats', 'Stage2Check', 'ToDREHandle', 'apply_todre']
+__all__ = ['select_visual', 'ToDREStats', 'Stage2Check', 'view_attention_rows', 'ToDREHandle', 'apply_todre']
 
 # %% ../nbs/05_core.ipynb #bfee84e6
 def select_visual(images:list[ImageTokens], # visual tokens of every image, from an adapter
@@ -79,7 +79,7 @@ class ToDREStats:
         return "\n".join(lines)
     __str__ = summary
 
-# %% ../nbs/05_core.ipynb #a3875f21
+# %% ../nbs/05_core.ipynb #59f80dea
 class Stage2Check:
     "Decider for the stage-2 rule: drop every visual token after the check layer when the ratios are below tau."
     def __init__(self, tau:float, rule:str="both", row_chunk:int=512):
@@ -138,6 +138,21 @@ class Stage2Check:
         if view.index is None: return keep_now
         keep = torch.ones(B, int(view.index.max()) + 1, dtype=torch.bool, device=types.device)
         return keep.scatter(1, view.index, keep_now | ~view.valid)
+
+
+def view_attention_rows(view, # the `LayerView` a decider receives
+                        rows:torch.Tensor, # (B, R) slots of the query rows, in the view's layout
+                       ) -> torch.Tensor: # (B, H, R, L) attention probabilities
+    "Attention rows of a few queries at a decider's layer, recomputed from the captured Q/K (any backend)."
+    q, k, scaling = Stage2Check._qk(view)
+    B = rows.shape[0]
+    cos, sin = view.position_embeddings
+    cos, sin = cos.expand(B, -1, -1), sin.expand(B, -1, -1)
+    kr = view.rope(k, k, cos, sin)[1]
+    g = lambda t: t.gather(1, rows[..., None].expand(-1, -1, t.shape[-1]))
+    qr = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
+    qr = view.rope(qr, qr, g(cos), g(sin))[0]
+    return attention_rows(qr, kr, rows, view.valid, scaling)
 
 # %% ../nbs/05_core.ipynb #875748cb
 def _bind(sig, args, kwargs):
