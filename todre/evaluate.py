@@ -11,8 +11,8 @@ from .scenes import iter_samples, accuracy_by_family, pope_metrics, object_cover
 from .testbed import answer
 
 # %% auto #0
-__all__ = ['benchmark_samples', 'majority_baseline', 'evaluate', 'seconds_per_question', 'compare_selectors', 'compare',
-           'dataset_accuracy', 'testbed_report', 'model_card', 'package_testbed']
+__all__ = ['GROUNDING_GROUPS', 'benchmark_samples', 'majority_baseline', 'evaluate', 'seconds_per_question', 'compare_selectors',
+           'compare', 'dataset_accuracy', 'grounding', 'testbed_report', 'model_card', 'package_testbed']
 
 # %% ../nbs/11_evaluate.ipynb #b02c001a
 def benchmark_samples(n_scenes:int=100, # scenes to draw
@@ -144,6 +144,38 @@ def dataset_accuracy(model, processor, rows, # iterable of dicts with "image", "
             right += normalize_answer(said) == normalize_answer(str(r["answer"])); n += 1
     if n == 0: raise ValueError("no rows to evaluate")
     return right / n
+
+# %% ../nbs/11_evaluate.ipynb #26c89ff1
+GROUNDING_GROUPS = ("named objects", "other objects", "background")
+
+@torch.no_grad()
+def grounding(model, processor, samples:list, # `(scene, question)` pairs; those naming no object, or all of them, are skipped
+              batch_size:int=16, progress:bool=True) -> dict:
+    "Per layer (and head), how the answer position's attention on the image splits over the named objects, other objects and background."
+    from tqdm.auto import tqdm
+    from todre.migration import answer_attention
+    from todre.scenes import question_objects, patch_object_fraction
+    from todre.testbed import PROMPT
+    use = [(s, q, r) for s, q in samples if 0 < len(r := question_objects(s, q.question)) < len(s.objects)]
+    if not use: raise ValueError("no question in `samples` names some but not all objects of its scene")
+    dev = next(model.parameters()).device
+    masses, chance = [], []
+    for i in tqdm(range(0, len(use), batch_size), disable=not progress, desc="grounding"):
+        part = use[i:i + batch_size]
+        inp = processor(images=[s.image for s, _, _ in part], text=[PROMPT.format(question=q.question) for _, q, _ in part],
+                        return_tensors="pt", padding=True).to(dev)
+        attn = answer_attention(model, inp)["attn"]                                   # (layers, B, H, V)
+        w = []
+        for s, _, refs in part:
+            frac = patch_object_fraction(s.label, len(s.objects))                       # (V, objects)
+            named = frac[:, refs].sum(1); objects = frac.sum(1)
+            w.append(np.stack([named, objects - named, 1 - objects], 1))
+            chance.append(named.sum() / objects.sum())
+        masses.append(torch.einsum("lbhv,bvg->lbhg", attn, torch.from_numpy(np.stack(w)).float()))
+    m = torch.cat(masses, 1)                                                            # (layers, n, H, 3)
+    share = lambda x: (x[..., 0] / (x[..., 0] + x[..., 1]).clamp(min=1e-12))
+    return dict(mass=m.mean((1, 2)), head_mass=m.mean(1), named_share=share(m.mean(2)).mean(1),
+                head_named_share=share(m).mean(1), chance=float(np.mean(chance)), n=len(use), groups=GROUNDING_GROUPS)
 
 # %% ../nbs/11_evaluate.ipynb #5f0da409
 def testbed_report(model, processor, n_scenes:int=150, # held-out test scenes (all their questions)

@@ -12,7 +12,7 @@ from .core import Stage2Check, view_attention_rows
 
 # %% auto #0
 __all__ = ['VARIANTS', 'GENERATED', 'DECODE_GROUPS', 'alpha_curves', 'knockout_curve', 'decode_attention',
-           'mean_decode_attention']
+           'mean_decode_attention', 'answer_attention']
 
 # %% ../nbs/17_migration.ipynb #2c6b2558
 def _pruner(ad):
@@ -148,3 +148,38 @@ def mean_decode_attention(res:dict # the output of `decode_attention`
     "Average the per-token masses of `decode_attention` over every valid generated token of every sample."
     v = res["valid"][None, :, :, None].float()
     return (res["mass"] * v).sum((1, 2)) / v.sum((1, 2)).clamp(min=1)
+
+# %% ../nbs/17_migration.ipynb #fe01a8cc
+@torch.no_grad()
+def answer_attention(model, # a supported Hugging Face VLM (any attention backend)
+                     processor_outputs:dict, # the processor's outputs: input_ids, attention_mask, pixel_values, ...
+                     progress:bool=False, # show a progress bar over the layers as they run
+                    ) -> dict: # attn (layers, B, H, V) float; visual (B, V) bool: which of the V columns are real
+    "Per layer and head, the attention of the prompt's last token on each visual token, in image order."
+    ad = get_adapter(model)
+    types = _types(ad, processor_outputs)
+    B, L = types.shape
+    pos = torch.arange(L, device=types.device).expand(B, -1)
+    last = torch.where(types != PAD, pos, -1).max(1).values                 # the last real token of each prompt
+    vis = types == VISUAL
+    V = int(vis.sum(1).max())
+    if V == 0: raise ValueError("the prompts contain no visual tokens")
+    cols = torch.sort(torch.where(vis, pos, L + pos), 1).values[:, :V].clamp(max=L - 1)   # visual positions first, in order
+    valid = torch.arange(V, device=types.device)[None] < vis.sum(1, keepdim=True)
+    out = [None] * len(ad.layers)
+    bar = tqdm(total=len(ad.layers), desc="layers", disable=not progress)
+    def decider(l):
+        def fn(view):
+            p = view_attention_rows(view, last[:, None].to(view.types.device))[:, :, 0]   # (B, H, L)
+            c = cols.to(p.device)[:, None].expand(-1, p.shape[1], -1)
+            out[l] = (p.gather(-1, c) * valid.to(p.device)[:, None]).float().cpu(); bar.update(1)
+            return None
+        return fn
+    pruner = _pruner(ad)
+    try:
+        for l in range(len(ad.layers)): pruner.add_decider(l, decider(l))
+        pruner.begin_prefill(types)
+        model(**processor_outputs)
+    finally:
+        pruner.end(); pruner.remove(); bar.close()
+    return dict(attn=torch.stack(out), visual=valid.cpu())
