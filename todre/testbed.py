@@ -7,7 +7,7 @@ from __future__ import annotations
 import json, math, os, time, warnings
 from pathlib import Path
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
-from .scenes import (render_scene, scene_questions, question_vocabulary, split_seed, SHAPES, COLOURS, GRID, PATCH,
+from .scenes import (render_scene, scene_questions, question_vocabulary, split_seed, SHAPES, COLOURS, PLURALS, GRID, PATCH,
                           IMAGE_SIZE, normalize_answer)
 
 # %% auto #0
@@ -144,6 +144,13 @@ def presence_targets(objects) -> np.ndarray:
     return pres
 
 # %% ../nbs/10_testbed.ipynb #45b22e01
+def _attribute_words(tok) -> dict:
+    "Token id of every colour, shape and plural-shape word -> (per-patch target key, value in it)."
+    out = {tok.convert_tokens_to_ids(c): ("colour", 1 + i) for i, c in enumerate(COLOURS)}
+    for i, s in enumerate(SHAPES):
+        out[tok.convert_tokens_to_ids(s)] = out[tok.convert_tokens_to_ids(PLURALS[s])] = ("shape", 1 + i)
+    return out
+
 def _scene_batch(seeds, processor, rng, max_objects=None):
     "Scenes, pixels and dense targets (plus object-pooling matrices) for a list of scene seeds."
     scenes = [render_scene(int(s), None if max_objects is None else int(rng.integers(1, max_objects + 1))) for s in seeds]
@@ -172,7 +179,8 @@ def make_batch(seeds:list, # one scene seed per sequence
     prefix = tok(PROMPT.split("<image>")[0] + "<image>" * (GRID * GRID), add_special_tokens=False)["input_ids"]
     P, img0 = len(prefix), prefix.index(tok.convert_tokens_to_ids("<image>"))
     tail = PROMPT.split("<image>")[1]
-    rows, ptr = [], []
+    words = _attribute_words(tok)
+    rows, ptr, wptr, gptr = [], [], [], []
     for r, (sc, own) in enumerate(zip(scenes, out["owner"].numpy())):
         qs = scene_questions(sc, int(rng.integers(1 << 30)))
         qs = [qs[i] for i in rng.permutation(len(qs))[:max_questions]]
@@ -186,6 +194,12 @@ def make_batch(seeds:list, # one scene seed per sequence
             refs = [] if q.family == "count" else question_objects(sc, q.question)
             tgt = img0 + np.flatnonzero(np.isin(own, refs)) if refs else []
             if len(tgt): ptr.append((r, start + len(qi) - 1, tgt))
+            content = [start + i for i, t in enumerate(qi) if t in words]   # colour and shape words of the question
+            for i in content:
+                kind, v = words[ids[i]]
+                hit = np.flatnonzero(out[kind][r].numpy() == v)
+                if len(hit): wptr.append((r, i, img0 + hit))
+            if content: gptr.append((r, start + len(qi) - 1, np.array(content)))
         rows.append((ids, pos, blk, lab, fam))
     B, L = len(rows), max(len(r[0]) for r in rows)
     input_ids = torch.full((B, L), tok.pad_token_id); position_ids = torch.zeros(B, L, dtype=torch.long)
@@ -197,11 +211,12 @@ def make_batch(seeds:list, # one scene seed per sequence
     i = torch.arange(L)
     bq, bk = blocks[:, :, None], blocks[:, None, :]
     mask = (i[:, None] >= i[None, :]) & ((bk == 0) | (bk == bq)) & (bk >= 0) | torch.eye(L, dtype=torch.bool)
-    targets = torch.zeros(len(ptr), L, dtype=torch.bool)
-    for n_, (_, _, t) in enumerate(ptr): targets[n_, torch.as_tensor(t)] = True
+    def pack(items):
+        targets = torch.zeros(len(items), L, dtype=torch.bool)
+        for n_, (_, _, t) in enumerate(items): targets[n_, torch.as_tensor(t, dtype=torch.long)] = True
+        return (torch.tensor([p[0] for p in items], dtype=torch.long), torch.tensor([p[1] for p in items], dtype=torch.long), targets)
     out.update(input_ids=input_ids, position_ids=position_ids, attention_mask=mask[:, None], labels=labels,
-               families=families, pointer_row=torch.tensor([p[0] for p in ptr], dtype=torch.long),
-               pointer_query=torch.tensor([p[1] for p in ptr], dtype=torch.long), pointer_targets=targets)
+               families=families, pointers=dict(objects=pack(ptr), words=pack(wptr), gather=pack(gptr)))
     return out
 
 # %% ../nbs/10_testbed.ipynb #98366185
@@ -231,14 +246,15 @@ def _aux_losses(model, aux, b, tok, vision_grad:bool=True):
                      + F.cross_entropy(t @ E[_word_ids(tok, SHAPES).to(E.device)].T, b["shape"][obj] - 1)) if obj.any() else tokens.sum() * 0)
     return tokens, L
 
-def _lm_losses(model, tokens, b, pointer_layer):
-    "Answer loss, pointer loss, and per-family correctness of the answers of a packed batch."
+def _lm_losses(model, tokens, b, layers:dict):
+    "Answer loss, one pointer loss per entry of `layers` (pointer name -> decoder layer), per-family correctness."
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
     lm = model.model.language_model
-    attn = lm.layers[pointer_layer].self_attn
-    cap = {}
-    hooks = [attn.q_proj.register_forward_hook(lambda m, a, o: cap.__setitem__("q", o)),
-             attn.k_proj.register_forward_hook(lambda m, a, o: cap.__setitem__("k", o))]
+    cap, hooks = {}, []
+    for l in set(layers.values()):
+        attn = lm.layers[l].self_attn
+        hooks += [attn.q_proj.register_forward_hook(lambda m, a, o, l=l: cap.__setitem__(("q", l), o)),
+                  attn.k_proj.register_forward_hook(lambda m, a, o, l=l: cap.__setitem__(("k", l), o))]
     try:
         emb = lm.embed_tokens(b["input_ids"])
         emb = emb.masked_scatter((b["input_ids"] == model.config.image_token_id)[..., None], tokens.to(emb.dtype))
@@ -254,20 +270,22 @@ def _lm_losses(model, tokens, b, pointer_layer):
     right = {}
     for f, ok in zip(fams, (logits.argmax(-1) == target).tolist()):
         if f is not None: right.setdefault(f, []).append(ok)
-    pointer = answer * 0
-    if len(b["pointer_row"]):
+    pointers = {}
+    B, L, _ = emb.shape
+    cos, sin = lm.rotary_emb(emb, b["position_ids"])
+    for name, l in layers.items():
+        r, qp, targets = b["pointers"][name]
+        if not len(r): pointers[name] = answer * 0; continue
+        attn = lm.layers[l].self_attn
         H, hd = attn.config.num_attention_heads, attn.head_dim
-        B, L, _ = emb.shape
-        q = cap["q"].view(B, L, -1, hd).transpose(1, 2); k = cap["k"].view(B, L, -1, hd).transpose(1, 2)
-        cos, sin = lm.rotary_emb(emb, b["position_ids"])
+        q = cap[("q", l)].view(B, L, -1, hd).transpose(1, 2); k = cap[("k", l)].view(B, L, -1, hd).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         k = k.repeat_interleave(H // k.shape[1], 1)
-        r, qp = b["pointer_row"], b["pointer_query"]
         s = torch.einsum("nhd,nhld->nhl", q[r, :, qp], k[r]) * attn.scaling
         p = s.masked_fill(~b["attention_mask"][r, 0, qp][:, None], float("-inf")).softmax(-1)
-        mass = (p * b["pointer_targets"][:, None]).sum(-1).mean(1)
-        pointer = -torch.log(mass + 1e-6).mean()
-    return answer, pointer, right
+        mass = (p * targets[:, None]).sum(-1).mean(1)
+        pointers[name] = -torch.log(mass + 1e-6).mean()
+    return answer, pointers, right
 
 def _cosine(opt, steps, warmup=0, flat=0.0):
     "Linear warm-up, then constant for a `flat` fraction of the steps, then cosine decay to zero."
@@ -286,6 +304,8 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
           shape_first:float=0.4, # phase 1: fraction of steps that train the shape objectives alone
           easy_fraction:float=0.3, easy_objects:int=3, # phase 2 curriculum: few objects first
           aux_weight:float=0.3, pointer_layer:int=2, pointer_weight:float=1.0,
+          word_layer:int=0, gather_layer:int=1, # layers of the word and gather pointers
+          word_weight:float=1.0, gather_weight:float=1.0, # their weights (0 turns one off)
           seed:int=0, # seeds the weights, the data order and the scenes
           out:str|None=None, # directory to save the trained model to (and checkpoints while training)
           checkpoint_every:int=100, device:str="cpu", log_every:int=25, progress:bool=True):
@@ -318,6 +338,7 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
     params = [p for p in model.parameters() if p.requires_grad] + list(aux.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = _cosine(opt, steps, warmup)
+    plan = [("objects", pointer_layer, pointer_weight), ("words", word_layer, word_weight), ("gather", gather_layer, gather_weight)]
     bar = tqdm(range(steps), disable=not progress, desc="phase 2: full model")
     right = {}
     for step in bar:
@@ -325,14 +346,16 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
         b = to(make_batch(draw(batch_size), proc, rng, max_questions, easy_objects if easy else None))
         tokens, L = _aux_losses(model, aux, b, tok, vision_grad=False)
         L.pop("present")                                        # a loss of the frozen tower alone
-        answer, pointer, ok = _lm_losses(model, tokens, b, pointer_layer)
-        loss = answer + pointer_weight * pointer + aux_weight * sum(L.values())
+        answer, ptr, ok = _lm_losses(model, tokens, b, {k: l for k, l, w in plan if w})
+        pointer = ptr.get("objects", answer * 0)
+        loss = answer + sum(w * ptr[k] for k, _, w in plan if w) + aux_weight * sum(L.values())
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); sched.step()
         for f, v in ok.items(): right.setdefault(f, []).extend(v)
         if step % log_every == 0 or step == steps - 1:
             acc = {f"train_acc_{f}": round(float(np.mean(v)), 3) for f, v in sorted(right.items())}
-            log.append(dict(phase=2, step=step, seconds=stamp(), answer=round(answer.item(), 4), pointer=round(pointer.item(), 4),
+            log.append(dict(phase=2, step=step, seconds=stamp(), answer=round(answer.item(), 4),
+                            **{("pointer" if k == "objects" else f"pointer_{k}"): round(v.item(), 4) for k, v in ptr.items()},
                             **{k: round(v.item(), 4) for k, v in L.items()}, **acc))
             bar.set_postfix(answer=f"{answer.item():.3f}", acc=f"{np.mean([x for v in right.values() for x in v]):.2f}")
             right = {}
@@ -342,7 +365,8 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
     info = dict(vision_steps=vision_steps, steps=steps, vision_batch=vision_batch, batch_size=batch_size,
                 max_questions=max_questions, vision_lr=vision_lr, lr=lr, warmup=warmup, shape_first=shape_first,
                 easy_fraction=easy_fraction, easy_objects=easy_objects, aux_weight=aux_weight, pointer_layer=pointer_layer,
-                pointer_weight=pointer_weight, seed=seed, seconds=stamp(), device=str(device), torch=torch.__version__,
+                pointer_weight=pointer_weight, word_layer=word_layer, word_weight=word_weight, gather_layer=gather_layer,
+                gather_weight=gather_weight, seed=seed, seconds=stamp(), device=str(device), torch=torch.__version__,
                 threads=torch.get_num_threads(), log=log)
     if out: save(model, proc, out, info)
     return model, proc, info
