@@ -320,7 +320,9 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
     rng = np.random.default_rng(seed)
     log, t0 = [], time.perf_counter()
     draw = lambda n: [split_seed("train", int(x)) for x in rng.integers(0, 10**8, n)]
-    to = lambda b: {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+    move = lambda v: v.to(device) if torch.is_tensor(v) else tuple(map(move, v)) if isinstance(v, tuple) else \
+        {k: move(x) for k, x in v.items()} if isinstance(v, dict) else v
+    to = lambda b: {k: move(v) for k, v in b.items()}
     stamp = lambda: round(time.perf_counter() - t0, 1)
     vparams = (list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
                + [model.model.language_model.embed_tokens.weight] + list(aux.parameters()))
@@ -347,7 +349,6 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
         tokens, L = _aux_losses(model, aux, b, tok, vision_grad=False)
         L.pop("present")                                        # a loss of the frozen tower alone
         answer, ptr, ok = _lm_losses(model, tokens, b, {k: l for k, l, w in plan if w})
-        pointer = ptr.get("objects", answer * 0)
         loss = answer + sum(w * ptr[k] for k, _, w in plan if w) + aux_weight * sum(L.values())
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); sched.step()
