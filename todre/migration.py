@@ -19,6 +19,24 @@ def _pruner(ad):
     cfg = ad.language_model.config
     return DecoderPruner(ad.layers, ad.rope(0), lambda: cfg._attn_implementation)
 
+def _every_layer(model, ad, types, probe, progress=False, **forward):
+    "One prefill forward with `probe(layer, view)` run after every decoder layer (nothing dropped); its results per layer."
+    out = [None] * len(ad.layers)
+    bar = tqdm(total=len(ad.layers), desc="layers", disable=not progress)
+    def decider(l):
+        def fn(view):
+            out[l] = probe(l, view); bar.update(1)
+            return None
+        return fn
+    pruner = _pruner(ad)
+    try:
+        for l in range(len(ad.layers)): pruner.add_decider(l, decider(l))
+        pruner.begin_prefill(types)
+        model(**forward)
+    finally:
+        pruner.end(); pruner.remove(); bar.close()
+    return out
+
 def _types(ad, inputs):
     ids = inputs["input_ids"]
     return token_types(ad.visual_mask(ids), inputs.get("attention_mask"))
@@ -35,22 +53,10 @@ def alpha_curves(model, # a supported Hugging Face VLM (any attention backend)
     "Paper Eq. 8 (α_{t→v}, α_{v→t}) at every decoder layer, from one forward pass."
     if variant not in VARIANTS: raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     ad = get_adapter(model)
-    bar = tqdm(total=len(ad.layers), desc="layers", disable=not progress)
     checks = [Stage2Check(tau=-1.0) for _ in ad.layers]
-    def decider(check):
-        def fn(view):
-            check(view); bar.update(1)
-            return None
-        return fn
-    pruner = _pruner(ad)
-    try:
-        for l, c in enumerate(checks): pruner.add_decider(l, decider(c))
-        types = _types(ad, processor_outputs)
-        if variant == "system_as_text": types = types.masked_fill(types == SYSTEM, TEXT)
-        pruner.begin_prefill(types)
-        model(**processor_outputs)
-    finally:
-        pruner.end(); pruner.remove(); bar.close()
+    types = _types(ad, processor_outputs)
+    if variant == "system_as_text": types = types.masked_fill(types == SYSTEM, TEXT)
+    _every_layer(model, ad, types, lambda l, view: checks[l](view), progress, **processor_outputs)
     return dict(t2v=torch.stack([c.alpha_t2v for c in checks]), v2t=torch.stack([c.alpha_v2t for c in checks]))
 
 # %% ../nbs/17_migration.ipynb #4087aff2
@@ -124,23 +130,12 @@ def decode_attention(model, # a supported Hugging Face VLM (any attention backen
     types[:, P:] = torch.where(valid[:, :n - 1], GENERATED, PAD)
     rows = torch.arange(P - 1, P + n - 1, device=seq.device).expand(B, -1)
     groups = torch.tensor([SYSTEM, VISUAL, TEXT, GENERATED], device=seq.device)
-    masses = [None] * len(ad.layers)
-    bar = tqdm(total=len(ad.layers), desc="layers", disable=not progress)
-    def decider(l):
-        def fn(view):
-            p = view_attention_rows(view, rows).mean(1)                                   # (B, n, L)
-            onehot = (view.types[..., None] == groups).to(p.dtype)                          # (B, L, 4)
-            masses[l] = (p @ onehot).cpu(); bar.update(1)
-            return None
-        return fn
-    pruner = _pruner(ad)
-    try:
-        for l in range(len(ad.layers)): pruner.add_decider(l, decider(l))
-        pruner.begin_prefill(types)
-        rest = {k: v for k, v in processor_outputs.items() if k not in ("input_ids", "attention_mask", "position_ids")}
-        model(input_ids=seq, attention_mask=full_mask, position_ids=(full_mask.long().cumsum(-1) - 1).clamp(min=0), **rest)
-    finally:
-        pruner.end(); pruner.remove(); bar.close()
+    def probe(l, view):
+        p = view_attention_rows(view, rows).mean(1)                                       # (B, n, L)
+        return (p @ (view.types[..., None] == groups).to(p.dtype)).cpu()                    # (B, n, 4)
+    rest = {k: v for k, v in processor_outputs.items() if k not in ("input_ids", "attention_mask", "position_ids")}
+    masses = _every_layer(model, ad, types, probe, progress, input_ids=seq, attention_mask=full_mask,
+                          position_ids=(full_mask.long().cumsum(-1) - 1).clamp(min=0), **rest)
     return dict(mass=torch.stack(masses), groups=DECODE_GROUPS, valid=valid.cpu(), tokens=new.cpu())
 
 def mean_decode_attention(res:dict # the output of `decode_attention`
@@ -166,20 +161,9 @@ def answer_attention(model, # a supported Hugging Face VLM (any attention backen
     if V == 0: raise ValueError("the prompts contain no visual tokens")
     cols = torch.sort(torch.where(vis, pos, L + pos), 1).values[:, :V].clamp(max=L - 1)   # visual positions first, in order
     valid = torch.arange(V, device=types.device)[None] < vis.sum(1, keepdim=True)
-    out = [None] * len(ad.layers)
-    bar = tqdm(total=len(ad.layers), desc="layers", disable=not progress)
-    def decider(l):
-        def fn(view):
-            p = view_attention_rows(view, last[:, None].to(view.types.device))[:, :, 0]   # (B, H, L)
-            c = cols.to(p.device)[:, None].expand(-1, p.shape[1], -1)
-            out[l] = (p.gather(-1, c) * valid.to(p.device)[:, None]).float().cpu(); bar.update(1)
-            return None
-        return fn
-    pruner = _pruner(ad)
-    try:
-        for l in range(len(ad.layers)): pruner.add_decider(l, decider(l))
-        pruner.begin_prefill(types)
-        model(**processor_outputs)
-    finally:
-        pruner.end(); pruner.remove(); bar.close()
+    def probe(l, view):
+        p = view_attention_rows(view, last[:, None].to(view.types.device))[:, :, 0]        # (B, H, L)
+        c = cols.to(p.device)[:, None].expand(-1, p.shape[1], -1)
+        return (p.gather(-1, c) * valid.to(p.device)[:, None]).float().cpu()
+    out = _every_layer(model, ad, types, probe, progress, **processor_outputs)
     return dict(attn=torch.stack(out), visual=valid.cpu())
