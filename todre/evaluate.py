@@ -12,7 +12,8 @@ from .testbed import answer
 
 # %% auto #0
 __all__ = ['GROUNDING_GROUPS', 'benchmark_samples', 'majority_baseline', 'evaluate', 'seconds_per_question', 'compare_selectors',
-           'compare', 'dataset_accuracy', 'grounding', 'testbed_report', 'model_card', 'package_testbed']
+           'relative_table', 'compare', 'dataset_accuracy', 'grounding', 'testbed_report', 'model_card',
+           'package_testbed']
 
 # %% ../nbs/11_evaluate.ipynb #b02c001a
 def benchmark_samples(n_scenes:int=100, # scenes to draw
@@ -102,6 +103,19 @@ def compare_selectors(model, processor, samples:list, # `(scene, question)` pair
     if with_fastv: settings += [("fastv (K=2)", r, (lambda m, r=r: apply_fastv(m, retain=r, K=2))) for r in retains]
     return compare(model, processor, samples, settings, batch_size, progress)
 
+def relative_table(rows:list, # dicts from `compare` / `compare_selectors`, one with setting "unpruned"
+                   cols=("accuracy", "acc_exist", "acc_count", "acc_spatial", "coverage", "stage2_rate", "layer_tokens", "seconds"),
+                  ):
+    "A pandas table of `rows` indexed by setting: the chosen columns (shares as %) and accuracy relative to the unpruned row."
+    import pandas as pd
+    df = pd.DataFrame(rows).set_index("setting")
+    if "unpruned" not in df.index: raise ValueError("`rows` need an 'unpruned' setting to be relative to")
+    df["relative_%"] = 100 * df["accuracy"] / df.loc["unpruned", "accuracy"]
+    out = df[[c for c in cols if c in df.columns] + ["relative_%"]].copy()
+    for c in out.columns:
+        if c.startswith("acc") or c in ("coverage", "stage2_rate"): out[c] = (100 * out[c]).round(1)
+    return out.round(2)
+
 def compare(model, processor, samples:list, # `(scene, question)` pairs
             settings:list, # `(name, retain, cfg)`: cfg as for `evaluate` (None: unpruned)
             batch_size:int=16, progress:bool=True) -> list[dict]:
@@ -155,15 +169,14 @@ def grounding(model, processor, samples:list, # `(scene, question)` pairs; those
     from tqdm.auto import tqdm
     from todre.migration import answer_attention
     from todre.scenes import question_objects, patch_object_fraction
-    from todre.testbed import PROMPT
+    from todre.testbed import prompt_inputs
     use = [(s, q, r) for s, q in samples if 0 < len(r := question_objects(s, q.question)) < len(s.objects)]
     if not use: raise ValueError("no question in `samples` names some but not all objects of its scene")
     dev = next(model.parameters()).device
     masses, chance = [], []
     for i in tqdm(range(0, len(use), batch_size), disable=not progress, desc="grounding"):
         part = use[i:i + batch_size]
-        inp = processor(images=[s.image for s, _, _ in part], text=[PROMPT.format(question=q.question) for _, q, _ in part],
-                        return_tensors="pt", padding=True).to(dev)
+        inp = prompt_inputs(processor, [s.image for s, _, _ in part], [q.question for _, q, _ in part], dev)
         attn = answer_attention(model, inp)["attn"]                                   # (layers, B, H, V)
         w = []
         for s, _, refs in part:

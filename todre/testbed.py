@@ -12,7 +12,7 @@ from .scenes import (render_scene, scene_questions, question_vocabulary, split_s
 
 # %% auto #0
 __all__ = ['PROMPT', 'ARCH', 'TESTBED_PATH', 'testbed_tokenizer', 'build_testbed', 'init_vision', 'pixels', 'patch_targets',
-           'presence_targets', 'make_batch', 'AuxHeads', 'train', 'save', 'load', 'answer']
+           'presence_targets', 'make_batch', 'AuxHeads', 'train', 'save', 'load', 'prompt_inputs', 'answer']
 
 # %% ../nbs/10_testbed.ipynb #b042b00d
 PROMPT = "USER: <image>\n{question} ASSISTANT:"
@@ -399,6 +399,13 @@ def load(path:str|None=None, # directory of a saved testbed (default: the one sh
     return model, proc
 
 # %% ../nbs/10_testbed.ipynb #2ebc6d22
+def prompt_inputs(processor, images:list, questions:list, # PIL images and their questions
+                  device=None, # where to put the tensors (None: leave them on the CPU)
+                 ) -> dict:
+    "The processor's padded batch of testbed prompts (`PROMPT`), one per image–question pair."
+    out = processor(images=images, text=[PROMPT.format(question=q) for q in questions], return_tensors="pt", padding=True)
+    return out if device is None else out.to(device)
+
 @torch.no_grad()
 def answer(model, processor, images:list, questions:list, # PIL images and their questions
            batch_size:int=16, max_new_tokens:int=1, progress:bool=False) -> list[str]:
@@ -407,8 +414,7 @@ def answer(model, processor, images:list, questions:list, # PIL images and their
     out = []
     dev = next(model.parameters()).device
     for i in tqdm(range(0, len(questions), batch_size), disable=not progress, desc="answering"):
-        texts = [PROMPT.format(question=q) for q in questions[i:i + batch_size]]
-        inp = processor(images=images[i:i + batch_size], text=texts, return_tensors="pt", padding=True).to(dev)
+        inp = prompt_inputs(processor, images[i:i + batch_size], questions[i:i + batch_size], dev)
         gen = model.generate(**inp, max_new_tokens=max_new_tokens, do_sample=False)
         out += [normalize_answer(processor.tokenizer.decode(g, skip_special_tokens=True))
                 for g in gen[:, inp["input_ids"].shape[1]:]]
