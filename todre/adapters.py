@@ -89,7 +89,10 @@ class LlavaAdapter:
             if image_sizes is not None: kw["image_sizes"] = image_sizes
             out = self.base.get_image_features(pixel_values=pixel_values, **kw)
         finally: h.remove()
-        return list(out.pooler_output), cls_attention(layer, seen["h"])
+        hs = getattr(out, "hidden_states", None)       # hidden_states[i] is layer i's input; a replayed graph fires no hook
+        h_in = hs[cls_layer % n] if hs is not None and len(hs) == n + 1 else seen.get("h")
+        if h_in is None: raise RuntimeError(f"could not read the input of vision layer {cls_layer}")
+        return list(out.pooler_output), cls_attention(layer, h_in)
 
     def encode(self, pixel_values:torch.Tensor, # pixel values from the processor
                image_sizes:torch.Tensor|None=None, # (images, 2) original sizes, when the processor gives them
@@ -128,18 +131,29 @@ class LlavaNextAdapter(LlavaAdapter):
         res, start = [], 0
         per = cls.shape[1]
         for i, f in enumerate(feats):
-            n_crops = self._n_crops(image_sizes[i])
-            c = cls[start:start + n_crops].to(f.device, torch.float32); start += n_crops
-            pack = lambda x, nl: self.base.pack_image_features([x[..., None]], image_sizes[i:i + 1], strategy,
-                                                               image_newline=torch.tensor([nl], device=f.device))[0][0][:, 0]
-            scores = pack(c, float("-inf"))
-            newline = pack(torch.zeros_like(c), 1.0) > 0
+            size = tuple(int(v) for v in image_sizes[i])
+            n_crops = self._n_crops(torch.tensor(size))
+            c = cls[start:start + n_crops].to(f.device, torch.float32).reshape(-1); start += n_crops
+            src, layout, crop_grid = self._packing(size, n_crops, per, strategy, f.device)
+            if src.shape[0] != f.shape[0]: raise RuntimeError("packed [CLS] scores do not line up with the image features")
+            newline = src < 0
+            scores = c[src.clamp(min=0)].masked_fill(newline, float("-inf"))
             pool = torch.zeros(f.shape[0], dtype=torch.bool, device=f.device); pool[:per] = True
-            if scores.shape[0] != f.shape[0]: raise RuntimeError("packed [CLS] scores do not line up with the image features")
-            layout, crop_grid = self._layout(image_sizes[i], n_crops, strategy)
             res.append(ImageTokens(f, scores, pool, newline, grid=None, thumb_grid=(self.side, self.side),
-                                   layout=layout.to(f.device), crop_grid=crop_grid))
+                                   layout=layout, crop_grid=crop_grid))
         return res
+
+    def _packing(self, size, n_crops, per, strategy, device):
+        "For one image size: the (crop, token) each packed token comes from (flat index; -1: newline) and its layout; cached."
+        key = (size, strategy, str(device))
+        cache = self.__dict__.setdefault("_packings", {})
+        if key not in cache:
+            src = torch.arange(n_crops * per, dtype=torch.float32).view(n_crops, per, 1)
+            src = self.base.pack_image_features([src], torch.tensor([size]), strategy,
+                                                image_newline=torch.full((1,), -1.0))[0][0][:, 0].round().long()
+            layout, crop_grid = self._layout(torch.tensor(size), n_crops, strategy)
+            cache[key] = (src.to(device), layout.to(device), crop_grid)
+        return cache[key]
 
     def _layout(self, image_size, n_crops, strategy):
         "(panel, row, col) of every packed token, by packing coordinate maps exactly as the model packs features."

@@ -10,51 +10,63 @@ import torch
 from .config import ToDREConfig, SELECTOR_NAMES
 
 # %% auto #0
-__all__ = ['DEFAULT_METHODS', 'method_config', 'bench', 'format_table', 'add_bench_parser', 'run_bench']
+__all__ = ['DEFAULT_METHODS', 'SUITE', 'method_config', 'bench', 'format_table', 'efficiency_suite', 'gpu_results',
+           'add_bench_parser', 'run_bench']
 
 # %% ../nbs/16_bench.ipynb #cb5b3be9
 DEFAULT_METHODS = ("baseline", "todre@0.25", "todre@0.10", "stage1@0.10", "stage2", "kcenter@0.10", "cls_topk@0.10",
                    "random@0.10", "pool@0.10")
 
-def method_config(name:str # e.g. "baseline", "todre@0.10", "stage1@0.25", "stage2", "cls_topk@0.10"
+def method_config(name:str # e.g. "baseline", "todre@0.10", "stage1@0.25", "stage1@64", "stage2", "cls_topk@0.10"
                  ) -> ToDREConfig|None:
     "The `ToDREConfig` a method name stands for (None for the baseline)."
     if name == "baseline": return None
     if name == "stage2": return ToDREConfig(stage1=False)
     kind, _, r = name.partition("@")
-    try: retain = float(r)
-    except ValueError: raise ValueError(f"method {name!r} needs a retention ratio, e.g. '{kind}@0.10'") from None
-    if kind == "todre": return ToDREConfig(retain=retain)
-    if kind == "stage1": return ToDREConfig(retain=retain, stage2=False)
-    if kind in SELECTOR_NAMES: return ToDREConfig(retain=retain, selector=kind, stage2=False)
+    try: budget = dict(retain=float(r)) if "." in r else dict(k=int(r))     # "@0.10": a fraction, "@64": tokens per image
+    except ValueError: raise ValueError(f"method {name!r} needs a retention ratio or a token count, e.g. '{kind}@0.10' or '{kind}@64'") from None
+    if kind == "todre": return ToDREConfig(**budget)
+    if kind == "stage1": return ToDREConfig(**budget, stage2=False)
+    if kind in SELECTOR_NAMES: return ToDREConfig(**budget, selector=kind, stage2=False)
     raise ValueError(f"unknown method {name!r}: use baseline, stage2, todre@R, stage1@R or one of {SELECTOR_NAMES} as NAME@R")
 
 # %% ../nbs/16_bench.ipynb #b2f96e31
 def bench(model, processor, images:list, # one image per sample (a batch is made by repeating them)
           prompt:str, # the prompt, with the model's image placeholder
           methods=DEFAULT_METHODS, batch_sizes=(1,), answer_lengths=(3,), # new tokens, all forced
-          warmup:int=1, repeats:int=3, progress:bool=True) -> list[dict]:
-    "Time every method against the baseline for every batch size and answer length; one row each."
+          warmup:int=1, repeats:int=3, progress:bool=True,
+          paths=("eager",), # "eager": the model's own `generate`; "graphed": `todre.fast.GraphedGenerator` (stage 1 only)
+         ) -> list[dict]:
+    "Time every method against the baseline for every path, batch size and answer length; one row each."
     from tqdm.auto import tqdm
     from todre.core import apply_todre
     from todre.timing import profile_generate
     from todre.flops import shape_from_config, generate_flops
+    from todre.fast import GraphedGenerator, profile_graphed
     if "baseline" not in methods: methods = ("baseline",) + tuple(methods)
     cfgs = {m: method_config(m) for m in methods}
+    for path in paths:
+        if path not in ("eager", "graphed"): raise ValueError(f"unknown path {path!r}: use 'eager' or 'graphed'")
+    if "graphed" in paths and any(c is not None and c.stage2 for c in cfgs.values()):
+        raise ValueError("the graphed path runs stage 1 only: give it baseline, stage1@R or SELECTOR@R methods, "
+                         f"not {[m for m, c in cfgs.items() if c is not None and c.stage2]}")
+    gen = GraphedGenerator(model) if "graphed" in paths else None
     dev = next(model.parameters()).device
     shape = shape_from_config(model)
     rows = []
-    jobs = [(b, n, m) for b in batch_sizes for n in answer_lengths for m in methods]
-    for b, n, m in tqdm(jobs, disable=not progress, desc="bench"):
+    jobs = [(p, b, n, m) for p in paths for b in batch_sizes for n in answer_lengths for m in methods]
+    for path, b, n, m in tqdm(jobs, disable=not progress, desc="bench"):
         imgs = [images[i % len(images)] for i in range(b)]
         inputs = processor(images=imgs, text=[prompt] * b, return_tensors="pt", padding=True).to(dev)
         if "pixel_values" in inputs: inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         handle = apply_todre(model, cfgs[m]) if cfgs[m] is not None else None
-        try: r = profile_generate(model, inputs, max_new_tokens=n, handle=handle, warmup=warmup, repeats=repeats)
+        try:
+            if path == "eager": r = profile_generate(model, inputs, max_new_tokens=n, handle=handle, warmup=warmup, repeats=repeats)
+            else: r = profile_graphed(gen, inputs, n, handle=handle, warmup=warmup, repeats=repeats)
         finally:
             st = handle.stats if handle is not None else None
             if handle is not None: handle.remove()
-        row = dict(method=m, batch=b, new_tokens=n, total_s=r["total"], prefill_s=r["prefill"], decode_s=r["decode"],
+        row = dict(method=m, path=path, batch=b, new_tokens=n, total_s=r["total"], prefill_s=r["prefill"], decode_s=r["decode"],
                    vision_s=r["vision"], select_s=r["select"], ttft_s=r["time_to_first_token"],
                    peak_memory_bytes=r["peak_memory_bytes"], kv_cache_bytes=r["kv_cache_bytes"],
                    first_layer_tokens=r["prefill_tokens"][0][0], last_layer_tokens=r["prefill_tokens"][-1][0],
@@ -66,19 +78,79 @@ def bench(model, processor, images:list, # one image per sample (a batch is made
             except Exception: row["tflops"] = None
         rows.append(row)
     for row in rows:
-        base = next(x for x in rows if x["method"] == "baseline" and x["batch"] == row["batch"] and x["new_tokens"] == row["new_tokens"])
+        base = next(x for x in rows if x["method"] == "baseline" and all(x[c] == row[c] for c in ("path", "batch", "new_tokens")))
         row["speedup"] = base["total_s"] / row["total_s"]
         row["prefill_speedup"] = base["prefill_s"] / row["prefill_s"] if row["prefill_s"] else None
     return rows
 
 def format_table(rows:list) -> str:
     "A plain-text table of bench rows."
-    head = f"{'method':<16}{'batch':>6}{'new':>5}{'total ms':>11}{'prefill ms':>12}{'decode ms':>11}{'speed-up':>10}{'tokens L0→Ln':>16}"
+    head = f"{'method':<16}{'path':>9}{'batch':>6}{'new':>5}{'total ms':>11}{'prefill ms':>12}{'decode ms':>11}{'speed-up':>10}{'tokens L0→Ln':>16}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['method']:<16}{r['batch']:>6}{r['new_tokens']:>5}{1e3 * r['total_s']:>11.1f}{1e3 * r['prefill_s']:>12.1f}"
+        lines.append(f"{r['method']:<16}{r.get('path', 'eager'):>9}{r['batch']:>6}{r['new_tokens']:>5}{1e3 * r['total_s']:>11.1f}{1e3 * r['prefill_s']:>12.1f}"
                      f"{1e3 * r['decode_s']:>11.1f}{r['speedup']:>9.2f}×{str(r['first_layer_tokens']) + '→' + str(r['last_layer_tokens']):>16}")
     return "\n".join(lines)
+
+# %% ../nbs/16_bench.ipynb #8b95fd44
+SUITE = {
+    "llava-next-7b": [dict(paths=("graphed",), methods=("baseline", "stage1@0.10", "stage1@0.25"), batch_sizes=(1, 8), answer_lengths=(3,)),
+                      dict(paths=("eager",), methods=("baseline", "todre@0.10", "stage1@0.10", "todre@0.25", "stage2"),
+                           batch_sizes=(1, 8), answer_lengths=(3,)),
+                      dict(paths=("eager",), methods=("baseline", "todre@0.10", "stage1@0.10", "stage2"), batch_sizes=(1,), answer_lengths=(64,))],
+    "llava-1.5-7b": [dict(paths=("graphed",), methods=("baseline", "stage1@64", "stage1@128"), batch_sizes=(1, 8), answer_lengths=(3,)),
+                     dict(paths=("eager",), methods=("baseline", "todre@64", "todre@128"), batch_sizes=(1,), answer_lengths=(3,))],
+    "tiny-llava-next": [dict(paths=("graphed", "eager"), methods=("baseline", "stage1@0.10"), batch_sizes=(1, 2), answer_lengths=(3,))],
+}
+
+def efficiency_suite(out_dir, # folder for the JSON files
+                     models=("llava-next-7b", "llava-1.5-7b"), # keys of `SUITE`
+                     device=None, # None: cuda if available
+                     repeats:int=5, selection:bool=True, # time the selection kernel (CUDA only)
+                     progress:bool=True) -> dict:
+    "Run the efficiency measurements and write one JSON file per part to `out_dir`; returns them too."
+    import gc
+    from todre.timing import device_info, device_of, random_weights_model
+    from todre.cli import load_model
+    from todre.tiny import sample_image
+    from todre.fast import selection_check
+    dev = device_of(device)
+    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    meta = dict(device=device_info(dev), command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]), date=time.strftime("%Y-%m-%d"))
+    try:
+        import triton; meta["device"]["triton"] = triton.__version__
+    except ImportError: pass
+    results = {}
+    def write(name, payload):
+        results[name] = payload = dict(meta, **payload)
+        (out / f"{name}.json").write_text(json.dumps(payload, indent=1))
+    if selection and dev.type == "cuda": write("selection", dict(selection=selection_check(warps=(None, 4, 8, 16, 32), device=dev)))
+    for name in models:
+        if name not in SUITE: raise ValueError(f"unknown suite model {name!r}; choose from {tuple(SUITE)}")
+        if name.startswith("tiny"): model, proc, prompt = load_model(name, str(dev), "auto", "sdpa")
+        else:
+            model, proc = random_weights_model(name, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
+            prompt = lambda q: f"USER: <image>\n{q} ASSISTANT:"
+        image = sample_image("coffee").resize((672, 672))
+        rows, errors = [], []
+        for spec in SUITE[name]:                                  # a part that fails is recorded, the others still run
+            try: rows += bench(model, proc, [image], prompt("Is there a cup in the image?"), warmup=1, repeats=repeats, progress=progress, **spec)
+            except Exception as e: errors.append(dict(spec={k: list(v) for k, v in spec.items()}, error=f"{type(e).__name__}: {e}"))
+        write(f"bench_{name}", dict(model=name, rows=rows, errors=errors))
+        if progress: print(name, format_table(rows), sep="\n")
+        del model; gc.collect()
+        if dev.type == "cuda": torch.cuda.empty_cache()
+    return results
+
+# %% ../nbs/16_bench.ipynb #3675d136
+def gpu_results(folder=None, # where the JSON files are (None: the ones shipped in `todre/assets/gpu`)
+               ) -> dict:
+    "The committed GPU measurements, by file name without `.json`."
+    import todre
+    folder = Path(folder) if folder is not None else Path(todre.__file__).parent / "assets" / "gpu"
+    files = sorted(folder.glob("*.json"))
+    if not files: raise FileNotFoundError(f"no GPU results (*.json) in {folder}")
+    return {f.stem: json.loads(f.read_text()) for f in files}
 
 # %% ../nbs/16_bench.ipynb #8a8d988d
 _MODELS = ("testbed", "tiny-llava", "tiny-llava-next", "llava-1.5-7b", "llava-next-7b", "llava-next-13b")
@@ -93,6 +165,8 @@ def add_bench_parser(sub):
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="baseline, todre@R, stage1@R, stage2, SELECTOR@R")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1])
     p.add_argument("--answer-lengths", nargs="+", type=int, default=[3], help="new tokens per answer (forced)")
+    p.add_argument("--paths", nargs="+", default=["eager"], choices=["eager", "graphed"],
+                   help="eager: the model's generate; graphed: static KV cache + CUDA graphs (stage-1 methods only)")
     p.add_argument("--warmup", type=int, default=1); p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--attn", default="sdpa", help="attention backend for every method")
@@ -113,7 +187,7 @@ def run_bench(a):
     else: model, proc, prompt = load_model(a.model, a.device, "auto", a.attn)
     image = sample_image("coffee").resize((a.image_size, a.image_size))
     rows = bench(model, proc, [image], prompt("Is there a cup in the image?"), a.methods, a.batch_sizes, a.answer_lengths,
-                 a.warmup, a.repeats)
+                 a.warmup, a.repeats, paths=a.paths)
     print(format_table(rows))
     info = dict(device=device_info(), model=a.model, attn=a.attn, command="todre " + " ".join(sys.argv[1:]),
                 date=time.strftime("%Y-%m-%d"), rows=rows)
