@@ -141,6 +141,14 @@ def lm_inputs(model, # a LLaVA-family model
     return emb, mask, pos, stats
 
 # %% ../nbs/19_fast.ipynb #1ccd7ce1
+def _warm_up(device, fn, times:int=2):
+    "Run `fn` a few times on a side stream before it is captured, as CUDA graph capture requires."
+    s, main = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+    s.wait_stream(main)
+    with torch.cuda.stream(s):
+        for _ in range(times): fn()
+    main.wait_stream(s)
+
 class _GraphedCall:
     "A module's forward replayed from one CUDA graph per input shape; calls it cannot key (tensor keywords, CPU) run eagerly."
     def __init__(self, module):
@@ -150,11 +158,8 @@ class _GraphedCall:
         if args or not x.is_cuda or any(torch.is_tensor(v) for v in kwargs.values()): return self.orig(x, *args, **kwargs)
         key = (tuple(x.shape), x.dtype, tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
         if key not in self.graphs:
-            static, s, main = x.clone(), torch.cuda.Stream(x.device), torch.cuda.current_stream(x.device)
-            s.wait_stream(main)
-            with torch.cuda.stream(s):
-                for _ in range(2): self.orig(static, **kwargs)
-            main.wait_stream(s)
+            static = x.clone()
+            _warm_up(x.device, lambda: self.orig(static, **kwargs))
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g): out = self.orig(static, **kwargs)
             self.graphs[key] = (g, static, out)
@@ -245,13 +250,10 @@ class GraphedGenerator:
         pl.dmask[:, 0, 0].copy_(pl.keys)
 
     def _capture(self, pl, emb, mask, pos):
-        s, main = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
-        s.wait_stream(main)
-        with torch.cuda.stream(s):                                # warm-up: lazy cache allocation, library handles
-            for _ in range(2):
-                self._load(pl, emb, mask, pos); pl.prefill(self)
-                if pl.n > 1: self._step(pl, 1); pl.decode(self)
-        main.wait_stream(s)
+        def once():                                               # warm-up: lazy cache allocation, library handles
+            self._load(pl, emb, mask, pos); pl.prefill(self)
+            if pl.n > 1: self._step(pl, 1); pl.decode(self)
+        _warm_up(self.device, once)
         gp, gd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         with torch.cuda.graph(gp): pl.prefill(self)
         if pl.n > 1:
@@ -291,7 +293,7 @@ class GraphedGenerator:
 # %% ../nbs/19_fast.ipynb #34d61bb9
 def profile_graphed(gen:GraphedGenerator, inputs:dict, max_new_tokens:int=3, handle=None, warmup:int=1, repeats:int=3) -> dict:
     "Time `gen.generate` split into vision (+ selection), prefill and decoding; peak memory and KV-cache bytes."
-    from todre.timing import Timer, _median
+    from todre.timing import Timer, _median, _TIMES
     if warmup < 1 or repeats < 1: raise ValueError(f"need warmup >= 1 (graph capture) and repeats >= 1, got {warmup}, {repeats}")
     timer, runs, peak = Timer(gen.device), [], None
     for i in range(warmup + repeats):
@@ -312,7 +314,7 @@ def profile_graphed(gen:GraphedGenerator, inputs:dict, max_new_tokens:int=3, han
     if timer.cuda: peak = torch.cuda.max_memory_allocated(gen.device)
     cache = gen.plan.cache
     kv = [l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size() for l in cache.layers]
-    res = {k: _median(r.get(k) for r in runs) for k in ("total", "vision", "select", "prefill", "decode", "time_to_first_token", "other")}
+    res = {k: _median(r.get(k) for r in runs) for k in _TIMES if k != "decode_per_token"}
     n_dec = max_new_tokens - 1
     res.update(decode_per_token=res["decode"] / n_dec if n_dec else None, new_tokens=max_new_tokens, decode_steps=n_dec,
                batch=emb.shape[0], device=str(gen.device), warmup=warmup, repeats=repeats, peak_memory_bytes=peak,
