@@ -4,6 +4,7 @@
 
 # %% ../nbs/11_evaluate.ipynb #9425d208
 from __future__ import annotations
+import re
 from collections import Counter, defaultdict
 import numpy as np, torch
 from PIL import Image
@@ -11,9 +12,10 @@ from .scenes import iter_samples, accuracy_by_family, pope_metrics, object_cover
 from .testbed import answer
 
 # %% auto #0
-__all__ = ['GROUNDING_GROUPS', 'benchmark_samples', 'majority_baseline', 'evaluate', 'seconds_per_question', 'compare_selectors',
-           'relative_table', 'compare', 'dataset_accuracy', 'grounding', 'testbed_report', 'model_card',
-           'package_testbed']
+__all__ = ['PAPER_BENCHMARKS', 'MME_PERCEPTION', 'GROUNDING_GROUPS', 'benchmark_samples', 'majority_baseline', 'evaluate',
+           'seconds_per_question', 'compare_selectors', 'relative_table', 'compare', 'dataset_predictions',
+           'dataset_accuracy', 'benchmark_row', 'score_benchmark', 'load_benchmark', 'benchmark_score',
+           'ablation_scores', 'hub_ablation', 'grounding', 'testbed_report', 'model_card', 'package_testbed']
 
 # %% ../nbs/11_evaluate.ipynb #b02c001a
 def benchmark_samples(n_scenes:int=100, # scenes to draw
@@ -136,11 +138,11 @@ def compare(model, processor, samples:list, # `(scene, question)` pairs
 
 # %% ../nbs/11_evaluate.ipynb #87c3883f
 @torch.no_grad()
-def dataset_accuracy(model, processor, rows, # iterable of dicts with "image", "question" and "answer"
-                     cfg=None, # as for `evaluate`: a `ToDREConfig`, a function `model -> handle`, or None
-                     prompt=None, # `prompt(question) -> text` (default: the testbed's template)
-                     max_new_tokens:int=3, progress:bool=True) -> float:
-    "Share of rows whose generated answer, normalised, equals the normalised reference answer."
+def dataset_predictions(model, processor, rows, # iterable of dicts with "image" and "question"
+                        cfg=None, # as for `evaluate`: a `ToDREConfig`, a function `model -> handle`, or None
+                        prompt=None, # `prompt(question) -> text` (default: the testbed's template)
+                        max_new_tokens:int=3, progress:bool=True) -> list[str]:
+    "The model's greedy answer to every row, one row at a time, with `cfg` attached."
     from contextlib import nullcontext
     from tqdm.auto import tqdm
     from todre.core import apply_todre
@@ -148,16 +150,153 @@ def dataset_accuracy(model, processor, rows, # iterable of dicts with "image", "
     prompt = prompt or (lambda q: PROMPT.format(question=q))
     attach = (lambda m: nullcontext()) if cfg is None else (cfg if callable(cfg) else (lambda m: apply_todre(m, cfg)))
     dev, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    right = n = 0
+    said = []
     with attach(model):
         for r in tqdm(rows, disable=not progress, desc="answering"):
             inputs = processor(images=r["image"], text=prompt(r["question"]), return_tensors="pt").to(dev)
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            said = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-            right += normalize_answer(said) == normalize_answer(str(r["answer"])); n += 1
-    if n == 0: raise ValueError("no rows to evaluate")
-    return right / n
+            said.append(processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    return said
+
+def dataset_accuracy(model, processor, rows, # iterable of dicts with "image", "question" and "answer"
+                     cfg=None, prompt=None, max_new_tokens:int=3, progress:bool=True) -> float:
+    "Share of rows whose generated answer, normalised, equals the normalised reference answer."
+    rows = list(rows)
+    if not rows: raise ValueError("no rows to evaluate")
+    said = dataset_predictions(model, processor, rows, cfg, prompt, max_new_tokens, progress)
+    return float(np.mean([normalize_answer(s) == normalize_answer(str(r["answer"])) for s, r in zip(said, rows)]))
+
+# %% ../nbs/11_evaluate.ipynb #5b5d4d98
+PAPER_BENCHMARKS = {
+    "mme": dict(hub="lmms-lab/MME", config=None, split="test"),
+    "scienceqa": dict(hub="lmms-lab/ScienceQA", config="ScienceQA-IMG", split="test"),
+    "gqa": dict(hub="lmms-lab/GQA", config="testdev_balanced_instructions", split="testdev",
+                images=dict(config="testdev_balanced_images", split="testdev")),
+    "pope": dict(hub="lmms-lab/POPE", config=None, split="test"),
+}
+MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR")
+_SHORT = "\nAnswer the question using a single word or phrase."
+
+def _bench_name(name):
+    if name not in PAPER_BENCHMARKS: raise ValueError(f"unknown benchmark {name!r}; choose from {tuple(PAPER_BENCHMARKS)}")
+    return name
+
+def benchmark_row(name:str, # a key of `PAPER_BENCHMARKS`
+                  raw:dict, # one row as the Hub dataset gives it (GQA: with its image joined in)
+                 ) -> dict: # image, question (with the benchmark's instruction), answer, and what scoring needs
+    "One dataset row in the form `dataset_predictions` and `score_benchmark` use."
+    name = _bench_name(name)
+    if name == "mme":
+        q = raw["question"].replace(" Please answer yes or no.", "").strip()
+        return dict(image=raw["image"], question=q + _SHORT, answer=raw["answer"], image_id=raw["question_id"], category=raw["category"])
+    if name == "scienceqa":
+        letters = [chr(ord("A") + i) for i in range(len(raw["choices"]))]
+        context = f"Context: {raw['hint']}\n" if raw.get("hint") else ""
+        options = "\n".join(f"{l}. {c}" for l, c in zip(letters, raw["choices"]))
+        return dict(image=raw["image"], question=f"{context}{raw['question']}\n{options}\nAnswer with the option's letter from the given choices directly.",
+                    answer=letters[int(raw["answer"])])
+    if name == "gqa": return dict(image=raw["image"], question=raw["question"] + _SHORT, answer=raw["answer"])
+    return dict(image=raw["image"], question=raw["question"] + _SHORT, answer=raw["answer"])
+
+# %% ../nbs/11_evaluate.ipynb #a9967b1e
+def _words(text):
+    "Lower-case words without punctuation, for exact-match scoring."
+    return " ".join(re.sub(r"[^a-z0-9\s]", " ", str(text).lower()).split())
+
+def _letter(text):
+    "The option letter a multiple-choice answer starts with ('B', 'B.', 'B) ...'), or ''."
+    t = str(text).strip()
+    return t[0] if t and t[0].isupper() and (len(t) == 1 or not t[1].isalnum()) else ""
+
+def _yes_no(text):
+    w = normalize_answer(text)
+    return w if w in ("yes", "no") else "other"
+
+def score_benchmark(name:str, # a key of `PAPER_BENCHMARKS`
+                    rows:list, # rows from `benchmark_row` / `load_benchmark`
+                    predictions:list, # the model's answers, one per row
+                   ) -> dict:
+    "The benchmark's own score: MME perception/cognition sums, ScienceQA and GQA accuracy, POPE accuracy and F1 (in %)."
+    name = _bench_name(name)
+    if len(rows) != len(predictions): raise ValueError(f"{len(rows)} rows but {len(predictions)} predictions")
+    if not rows: raise ValueError("no rows to score")
+    if name == "mme":
+        by_image = defaultdict(list)
+        for r, p in zip(rows, predictions): by_image[(r["category"], r["image_id"])].append(_yes_no(p) == _yes_no(r["answer"]))
+        per_cat = defaultdict(list)
+        for (cat, _), right in by_image.items():
+            per_cat[cat].append(100 * sum(right) / len(right) + 100 * all(right))
+        cats = {c: float(np.mean(v)) for c, v in per_cat.items()}
+        return dict(score=sum(v for c, v in cats.items() if c in MME_PERCEPTION), perception=sum(v for c, v in cats.items() if c in MME_PERCEPTION),
+                    cognition=sum(v for c, v in cats.items() if c not in MME_PERCEPTION), categories=cats, n=len(rows))
+    if name == "scienceqa":
+        acc = np.mean([_letter(p) == r["answer"] for r, p in zip(rows, predictions)])
+        return dict(score=100 * float(acc), n=len(rows))
+    if name == "gqa":
+        acc = np.mean([_words(p) == _words(r["answer"]) for r, p in zip(rows, predictions)])
+        return dict(score=100 * float(acc), n=len(rows))
+    m = pope_metrics(predictions, [r["answer"] for r in rows])
+    return dict(score=100 * m["accuracy"], f1=100 * m["f1"], yes_ratio=m["yes_ratio"], n=len(rows))
+
+# %% ../nbs/11_evaluate.ipynb #c453e6ad
+def load_benchmark(name:str, # a key of `PAPER_BENCHMARKS`
+                   n:int|None=None, # rows to keep (MME: images, each with both questions); None: all
+                   seed:int=0, progress:bool=True) -> list[dict]:
+    "A seeded subset of one of the paper's benchmarks from the Hugging Face Hub, as `benchmark_row` rows."
+    from datasets import load_dataset
+    spec = PAPER_BENCHMARKS[_bench_name(name)]
+    ds = load_dataset(spec["hub"], spec["config"], split=spec["split"])
+    if name == "mme":
+        ids = sorted(set(zip(ds["category"], ds["question_id"])))
+        rng = np.random.default_rng(seed)
+        keep = set(map(tuple, rng.permutation(np.array(ids, dtype=object))[:n].tolist())) if n else set(ids)
+        ds = ds.filter(lambda c, q: (c, q) in keep, input_columns=["category", "question_id"])
+    elif n: ds = ds.shuffle(seed=seed).select(range(min(n, len(ds))))
+    if name == "gqa":
+        wanted = set(ds["imageId"])
+        imgs = load_dataset(spec["hub"], spec["images"]["config"], split=spec["images"]["split"])
+        imgs = imgs.filter(lambda i: i in wanted, input_columns=["id"])
+        by_id = {r["id"]: r["image"] for r in imgs}
+        ds = [dict(r, image=by_id[r["imageId"]]) for r in ds]
+    from tqdm.auto import tqdm
+    return [benchmark_row(name, dict(r)) for r in tqdm(ds, disable=not progress, desc=f"loading {name}")]
+
+# %% ../nbs/11_evaluate.ipynb #29da8673
+def benchmark_score(model, processor, name:str, # a key of `PAPER_BENCHMARKS`
+                    rows:list, # from `load_benchmark(name, ...)`
+                    cfg=None, # as for `dataset_accuracy`
+                    prompt=None, # `prompt(question) -> text`: the model's template
+                    max_new_tokens:int|None=None, # None: 3 (16 for ScienceQA's letter-and-text answers)
+                    progress:bool=True) -> dict:
+    "Answer `rows` with `cfg` attached and score them the benchmark's way."
+    n_new = max_new_tokens or (16 if name == "scienceqa" else 3)
+    preds = dataset_predictions(model, processor, rows, cfg, prompt=prompt, max_new_tokens=n_new, progress=progress)
+    return dict(score_benchmark(name, rows, preds), predictions=preds)
+
+# %% ../nbs/11_evaluate.ipynb #52aa5e1d
+def ablation_scores(model, processor, settings:list, # (name, retain, cfg) triples, as `compare` takes them; one named "unpruned"
+                    data:dict, # benchmark name -> rows (`load_benchmark`)
+                    prompt=None, progress:bool=True):
+    "A table of settings × benchmarks (each benchmark's own score) with the mean score relative to \"unpruned\" (%)."
+    import pandas as pd
+    out = {name: {b: benchmark_score(model, processor, b, rows, cfg, prompt=prompt, progress=progress)["score"] for b, rows in data.items()}
+           for name, _, cfg in settings}
+    df = pd.DataFrame(out).T
+    if "unpruned" in df.index: df["relative_%"] = 100 * (df[list(data)] / df.loc["unpruned", list(data)]).mean(axis=1)
+    return df
+
+def hub_ablation(settings:list, # (name, retain, cfg) triples; one named "unpruned"
+                 model_id:str="llava-hf/llava-v1.6-vicuna-7b-hf", # the paper's main model
+                 benchmarks=("mme", "scienceqa", "gqa", "pope"), # the paper's ablation set
+                 n:int=500, # rows per benchmark (MME: n // 2 images, both questions each)
+                 device=None, seed:int=0, progress:bool=True):
+    "`ablation_scores` on a Hub checkpoint and seeded subsets of the paper's benchmarks (needs the Hub)."
+    from todre.cli import load_model
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, proc, prompt = load_model(model_id, device=device)
+    data = {b: load_benchmark(b, n // 2 if b == "mme" else n, seed=seed, progress=progress) for b in benchmarks}
+    return ablation_scores(model, proc, settings, data, prompt=prompt, progress=progress)
 
 # %% ../nbs/11_evaluate.ipynb #26c89ff1
 GROUNDING_GROUPS = ("named objects", "other objects", "background")
