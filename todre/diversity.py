@@ -100,7 +100,7 @@ def select_diverse(
     piv, _ = _per_sample(pivot, "pivot", B, unbatched, x.device)
     if ((piv < 0) | (piv >= n)).any(): raise ValueError(f"`pivot` must lie in [0, {n}), got {piv.tolist() if not unbatched else int(piv[0])}")
     if not cand.gather(1, piv[:, None]).all(): raise ValueError("`pivot` must be a candidate token (mask is False at the pivot)")
-    raw, x = x.detach(), _unit_rows(x.detach())
+    raw = x.detach()
     maxsum = objective == "maxsum"
     # maxsum: running sum of cosine similarity, minimised; kcenter: running min of cosine distance, maximised
     blocked = math.inf if maxsum else -math.inf
@@ -110,6 +110,7 @@ def select_diverse(
     if impl == "fused" or (impl == "auto" and raw.is_cuda and n <= MAX_FUSED_TOKENS and _triton()):
         from todre.fast import greedy_fused
         return _finish(greedy_fused(raw, score, piv, ks, kmax, maxsum), ks, per_sample, unbatched)
+    x = _unit_rows(raw)
     sel = torch.full((B, kmax), -1, dtype=torch.long, device=x.device)
     chosen = piv
     for t in range(kmax):
