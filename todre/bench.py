@@ -10,7 +10,7 @@ import torch
 from .config import ToDREConfig, SELECTOR_NAMES
 
 # %% auto #0
-__all__ = ['DEFAULT_METHODS', 'SUITE', 'method_config', 'bench', 'format_table', 'efficiency_suite', 'gpu_results',
+__all__ = ['DEFAULT_METHODS', 'SUITE', 'method_config', 'bench', 'format_table', 'bench_model', 'efficiency_suite', 'gpu_results',
            'add_bench_parser', 'run_bench']
 
 # %% ../nbs/16_bench.ipynb #cb5b3be9
@@ -93,6 +93,17 @@ def format_table(rows:list) -> str:
     return "\n".join(lines)
 
 # %% ../nbs/16_bench.ipynb #8b95fd44
+def bench_model(name:str, # a real shape ("llava-1.5-7b", "llava-next-7b", "llava-next-13b": random weights), "testbed", "tiny-llava[-next]" or a Hub id
+                device="cpu", attn:str="sdpa"):
+    "`(model, processor, prompt_fn)` for `todre bench`: real shapes get random weights (bf16 on CUDA, fp32 on CPU)."
+    from todre.timing import random_weights_model
+    from todre.cli import load_model
+    if name in ("llava-1.5-7b", "llava-next-7b", "llava-next-13b"):
+        model, proc = random_weights_model(name, device=device, attn_implementation=attn,
+                                           dtype=torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+        return model, proc, lambda q: f"USER: <image>\n{q} ASSISTANT:"
+    return load_model(name, str(device), "auto", attn)
+
 SUITE = {
     "llava-next-7b": [dict(paths=("graphed",), methods=("baseline", "stage1@0.10", "stage1@0.25"), batch_sizes=(1, 8), answer_lengths=(3,)),
                       dict(paths=("eager",), methods=("baseline", "todre@0.10", "stage1@0.10", "todre@0.25", "stage2"),
@@ -110,8 +121,7 @@ def efficiency_suite(out_dir, # folder for the JSON files
                      progress:bool=True) -> dict:
     "Run the efficiency measurements and write one JSON file per part to `out_dir`; returns them too."
     import gc
-    from todre.timing import device_info, device_of, random_weights_model
-    from todre.cli import load_model
+    from todre.timing import device_info, device_of
     from todre.tiny import sample_image
     from todre.fast import selection_check
     dev = device_of(device)
@@ -127,10 +137,7 @@ def efficiency_suite(out_dir, # folder for the JSON files
     if selection and dev.type == "cuda": write("selection", dict(selection=selection_check(warps=(None, 4, 8, 16, 32), device=dev)))
     for name in models:
         if name not in SUITE: raise ValueError(f"unknown suite model {name!r}; choose from {tuple(SUITE)}")
-        if name.startswith("tiny"): model, proc, prompt = load_model(name, str(dev), "auto", "sdpa")
-        else:
-            model, proc = random_weights_model(name, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
-            prompt = lambda q: f"USER: <image>\n{q} ASSISTANT:"
+        model, proc, prompt = bench_model(name, dev)
         image = sample_image("coffee").resize((672, 672))
         rows, errors = [], []
         for spec in SUITE[name]:                                  # a part that fails is recorded, the others still run
@@ -177,14 +184,9 @@ def add_bench_parser(sub):
 def run_bench(a):
     "Run `todre bench` from parsed arguments."
     from PIL import Image
-    from todre.timing import device_info, random_weights_model
-    from todre.cli import load_model
+    from todre.timing import device_info
     from todre.tiny import sample_image
-    if a.model in ("llava-1.5-7b", "llava-next-7b", "llava-next-13b"):
-        model, proc = random_weights_model(a.model, device=a.device, attn_implementation=a.attn,
-                                           dtype=torch.bfloat16 if str(a.device).startswith("cuda") else torch.float32)
-        prompt = lambda q: f"USER: <image>\n{q} ASSISTANT:"
-    else: model, proc, prompt = load_model(a.model, a.device, "auto", a.attn)
+    model, proc, prompt = bench_model(a.model, a.device, a.attn)
     image = sample_image("coffee").resize((a.image_size, a.image_size))
     rows = bench(model, proc, [image], prompt("Is there a cup in the image?"), a.methods, a.batch_sizes, a.answer_lengths,
                  a.warmup, a.repeats, paths=a.paths)

@@ -177,11 +177,13 @@ class _Plan:
         z = lambda *s, dt=torch.long: torch.zeros(*s, dtype=dt, device=device)
         self.emb, self.pos = z(B, L, gen.lm.config.hidden_size, dt=dtype), z(B, L)
         self.keys = z(B, T, dt=torch.bool)                       # cache slots that hold a real token
-        self.pmask, self.dmask = z(B, 1, L, T, dt=torch.bool), z(B, 1, 1, T, dt=torch.bool)
+        self.dmask = z(B, 1, 1, T, dt=torch.bool)
         self.dpos, self.cpos, self.tok, self.out = z(B, 1), z(1), z(B, 1), z(B, n_new)
         self.cpos_prefill = torch.arange(L, device=device)
-        self.causal = torch.ones(L, T, dtype=torch.bool, device=device).tril()
-        self.eye = torch.eye(L, T, dtype=torch.bool, device=device)
+        if padded:                                                # only a padded prefill needs an explicit mask
+            self.pmask = z(B, 1, L, T, dt=torch.bool)
+            self.causal = torch.ones(L, T, dtype=torch.bool, device=device).tril()
+            self.eye = torch.eye(L, T, dtype=torch.bool, device=device)
         self.graphs = None
 
     def _lm(self, gen, emb, mask, pos, cpos):
@@ -240,7 +242,7 @@ class GraphedGenerator:
     def _load(self, pl, emb, mask, pos):
         pl.emb.copy_(emb); pl.pos.copy_(pos)
         pl.keys.zero_(); pl.keys[:, :pl.L] = mask.bool()
-        pl.pmask.copy_((pl.causal & pl.keys[:, None, None, :]) | pl.eye)
+        if pl.padded: pl.pmask.copy_((pl.causal & pl.keys[:, None, None, :]) | pl.eye)
         pl.dpos.copy_(pos[:, -1:])
 
     def _step(self, pl, t):
