@@ -342,6 +342,17 @@ def testbed_report(model, processor, n_scenes:int=150, # held-out test scenes (a
                 seconds_per_question=seconds_per_question(model, processor, samples[:n_speed]),
                 threads=torch.get_num_threads())
 
+def _recipe(info:dict, out:str|None=None) -> str:
+    "The `todre.testbed.train` call that produced one run: the arguments that differ from the defaults."
+    import inspect
+    from todre.testbed import train
+    skip = {"out", "checkpoint_every", "device", "log_every", "progress"}
+    args = {k: info[k] for k, v in inspect.signature(train).parameters.items()
+            if k not in skip and k in info and info[k] != (list(v.default) if isinstance(v.default, tuple) else v.default)}
+    if "init" in info: args["init"] = "'first'"
+    if out: args["out"] = f"'{out}'"
+    return "todre.testbed.train(" + ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v}" for k, v in args.items()) + ")"
+
 def model_card(info:dict, # training information saved by `todre.testbed.train`
                report:dict, # from `testbed_report`
               ) -> str:
@@ -351,6 +362,18 @@ def model_card(info:dict, # training information saved by `todre.testbed.train`
     fams = [f for f in acc if f != "overall"] + ["overall"]
     rows = "\n".join(f"| {f} | {100 * acc[f]:.1f} | {100 * blank[f]:.1f} | {100 * major[f]:.1f} |" for f in fams)
     p = report["pope"]
+    runs = ([info["init"]] if "init" in info else []) + [info]
+    first = runs[0]
+    more = "" if len(runs) == 1 else (
+        f" Then {info['steps']} more phase-2 steps from that model (learning rate {info['lr']}{'' if info['easy_fraction'] else ', no curriculum'})"
+        + (f", in which {100 * info['prune']:.0f} % of the sequences keep only a random {100 * info['keep_range'][0]:.0f}–"
+           f"{100 * info['keep_range'][1]:.0f} % of their visual tokens, dropped and renumbered as stage 1 does" if info.get("prune") else "")
+        + ".")
+    recipe = "; then ".join(f"`{_recipe(r, 'first' if len(runs) > 1 and r is first else None)}`" for r in runs)
+    time_ = " + ".join(f"{r['seconds'] / 60:.1f}" for r in runs) + f" min on {info['device']} with {info.get('threads', '?')} threads (torch {info['torch']})"
+    pruned = any(r.get("prune") for r in runs)
+    limit = ("- Its pruned training sequences were random subsets of the grid: it has learnt that the image may arrive incomplete, not which tokens any selector keeps."
+             if pruned else "- Trained only on full 24×24 grids at their original positions: it has never seen a pruned sequence, which matters for every pruning result obtained with it.")
     return f"""# todre testbed VLM
 
 A small `LlavaForConditionalGeneration` trained from scratch on todre's synthetic multi-object scenes
@@ -363,13 +386,13 @@ A small `LlavaForConditionalGeneration` trained from scratch on todre's syntheti
 - Auxiliary training heads (not shipped): colour–shape presence from [CLS]; per patch token its colour, shape and object-centre flag.
 
 ## Training
-- Data: scenes rendered on the fly from the train split's seeds. Phase 1: {info['vision_steps']} steps × {info['vision_batch']} images (vision tower, projector and word embeddings on the auxiliary objectives). Phase 2: {info['steps']} steps × {info['batch_size']} images × up to {info['max_questions']} packed question blocks (projector, word embeddings and language model; the vision tower stays frozen).
+- Data: scenes rendered on the fly from the train split's seeds. Phase 1: {first['vision_steps']} steps × {first['vision_batch']} images (vision tower, projector and word embeddings on the auxiliary objectives). Phase 2: {first['steps']} steps × {first['batch_size']} images × up to {first['max_questions']} packed question blocks (projector, word embeddings and language model; the vision tower stays frozen).{more}
 - Losses in phase 2: the answer; pointer losses that shape attention in early decoder layers — at layer {info.get('word_layer', '-')} each colour/shape word of the question attends to the image tokens of that colour/shape (weight {info.get('word_weight', 0)}), at layer {info.get('gather_layer', '-')} the answer's query attends to those words (weight {info.get('gather_weight', 0)}), and at layer {info['pointer_layer']} it attends to the image tokens of the objects the question names (weight {info['pointer_weight']}) — which matters when reading attention-based analyses of this model; and the auxiliary losses (weight {info['aux_weight']}).
-- Recipe: `todre.testbed.train(vision_steps={info['vision_steps']}, steps={info['steps']}, batch_size={info['batch_size']}, lr={info['lr']}, vision_lr={info['vision_lr']}, seed={info['seed']})`; AdamW.
-- Time: {info['seconds'] / 60:.1f} min on {info['device']} with {info.get('threads', '?')} threads (torch {info['torch']}).
+- Recipe: {recipe}; AdamW.
+- Time: {time_}.
 
 ## Limits
-- Trained only on full 24×24 grids at their original positions: it has never seen a pruned sequence, which matters for every pruning result obtained with it.
+{limit}
 - Compare the accuracy with the blank-image and majority columns below before reading anything into a family: where they are equal, the model does not use the image for that family.
 
 ## Results (held-out test split, {report['n_scenes']} scenes, {report['n_questions']} questions, unpruned, `todre.evaluate`)

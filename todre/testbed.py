@@ -170,6 +170,8 @@ def make_batch(seeds:list, # one scene seed per sequence
                processor, rng:np.random.Generator|None=None, # picks the questions (and object counts)
                max_questions:int=16, # question blocks per sequence
                max_objects:int|None=None, # draw 1..max_objects objects per scene (None: the benchmark's own mix)
+               prune:float=0.0, # probability that a sequence sees only a random subset of its visual tokens
+               keep_range:tuple=(0.1, 0.5), # the fraction of visual tokens such a sequence keeps, drawn uniformly
               ) -> dict:
     "Packed question blocks over one image per sequence: ids, positions, block mask, labels, pointers, pixels, targets."
     from todre.scenes import question_objects
@@ -180,27 +182,33 @@ def make_batch(seeds:list, # one scene seed per sequence
     P, img0 = len(prefix), prefix.index(tok.convert_tokens_to_ids("<image>"))
     tail = PROMPT.split("<image>")[1]
     words = _attribute_words(tok)
-    rows, ptr, wptr, gptr = [], [], [], []
+    rows, ptr, wptr, gptr, kept = [], [], [], [], []
     for r, (sc, own) in enumerate(zip(scenes, out["owner"].numpy())):
         qs = scene_questions(sc, int(rng.integers(1 << 30)))
         qs = [qs[i] for i in rng.permutation(len(qs))[:max_questions]]
-        ids, pos, blk, lab, fam = list(prefix), list(range(P)), [0] * P, [-100] * P, [None] * P
+        keep = np.ones(GRID * GRID, bool)
+        if prune and rng.random() < prune:                   # as stage 1 does: drop tokens, renumber positions
+            keep[:] = False; keep[rng.choice(GRID * GRID, max(1, round(rng.uniform(*keep_range) * GRID * GRID)), replace=False)] = True
+        drop = int((~keep).sum())
+        ids, lab, fam = list(prefix), [-100] * P, [None] * P
+        pos = list(range(img0)) + (img0 + np.maximum(np.cumsum(keep) - 1, 0)).tolist()
+        blk = [0] * img0 + np.where(keep, 0, -2).tolist()        # a dropped token is nobody's key
         for j, q in enumerate(qs):
             qi = tok(tail.format(question=q.question), add_special_tokens=False)["input_ids"]
             a = tok(q.answer, add_special_tokens=False)["input_ids"]
             start, n = len(ids), len(qi) + 2
-            ids += qi + a + [tok.eos_token_id]; pos += list(range(P, P + n)); blk += [j + 1] * n
+            ids += qi + a + [tok.eos_token_id]; pos += list(range(P - drop, P - drop + n)); blk += [j + 1] * n
             lab += [-100] * len(qi) + a + [tok.eos_token_id]; fam += [None] * len(qi) + [q.family, None]
             refs = [] if q.family == "count" else question_objects(sc, q.question)
-            tgt = img0 + np.flatnonzero(np.isin(own, refs)) if refs else []
+            tgt = img0 + np.flatnonzero(np.isin(own, refs) & keep) if refs else []
             if len(tgt): ptr.append((r, start + len(qi) - 1, tgt))
             content = [start + i for i, t in enumerate(qi) if t in words]   # colour and shape words of the question
             for i in content:
                 kind, v = words[ids[i]]
-                hit = np.flatnonzero(out[kind][r].numpy() == v)
+                hit = np.flatnonzero((out[kind][r].numpy() == v) & keep)
                 if len(hit): wptr.append((r, i, img0 + hit))
             if content: gptr.append((r, start + len(qi) - 1, np.array(content)))
-        rows.append((ids, pos, blk, lab, fam))
+        rows.append((ids, pos, blk, lab, fam)); kept.append(keep)
     B, L = len(rows), max(len(r[0]) for r in rows)
     input_ids = torch.full((B, L), tok.pad_token_id); position_ids = torch.zeros(B, L, dtype=torch.long)
     blocks = torch.full((B, L), -1); labels = torch.full((B, L), -100); families = []
@@ -216,7 +224,8 @@ def make_batch(seeds:list, # one scene seed per sequence
         for n_, (_, _, t) in enumerate(items): targets[n_, torch.as_tensor(t, dtype=torch.long)] = True
         return (torch.tensor([p[0] for p in items], dtype=torch.long), torch.tensor([p[1] for p in items], dtype=torch.long), targets)
     out.update(input_ids=input_ids, position_ids=position_ids, attention_mask=mask[:, None], labels=labels,
-               families=families, pointers=dict(objects=pack(ptr), words=pack(wptr), gather=pack(gptr)))
+               families=families, pointers=dict(objects=pack(ptr), words=pack(wptr), gather=pack(gptr)),
+               visual_kept=torch.from_numpy(np.stack(kept)))
     return out
 
 # %% ../nbs/10_testbed.ipynb #98366185
@@ -306,14 +315,21 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
           aux_weight:float=0.3, pointer_layer:int=2, pointer_weight:float=1.0,
           word_layer:int=0, gather_layer:int=1, # layers of the word and gather pointers
           word_weight:float=1.0, gather_weight:float=1.0, # their weights (0 turns one off)
+          prune:float=0.0, keep_range:tuple=(0.1, 0.5), # phase 2: sequences that see a random subset of their visual tokens
+          init:str|None=None, # start from this saved testbed instead of fresh weights (phase 1 then runs only if asked)
           seed:int=0, # seeds the weights, the data order and the scenes
           out:str|None=None, # directory to save the trained model to (and checkpoints while training)
           checkpoint_every:int=100, device:str="cpu", log_every:int=25, progress:bool=True):
     "Train the testbed from scratch on freshly rendered training scenes; returns `(model, processor, info)`."
     from tqdm.auto import tqdm
     torch.manual_seed(seed)
-    model, proc = build_testbed(seed)
-    init_vision(model.model.vision_tower, seed)
+    if init:
+        model, proc = load(init)
+        parent = json.loads((Path(init) / "training.json").read_text())
+        parent = dict(path=str(init), **{k: v for k, v in parent.items() if k != "log"})
+    else:
+        model, proc = build_testbed(seed)
+        init_vision(model.model.vision_tower, seed)
     model.to(device).train()
     aux = AuxHeads(model.config.vision_config.hidden_size, model.config.text_config.hidden_size).to(device)
     tok = proc.tokenizer
@@ -345,7 +361,7 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
     right = {}
     for step in bar:
         easy = step < easy_fraction * steps
-        b = to(make_batch(draw(batch_size), proc, rng, max_questions, easy_objects if easy else None))
+        b = to(make_batch(draw(batch_size), proc, rng, max_questions, easy_objects if easy else None, prune, keep_range))
         tokens, L = _aux_losses(model, aux, b, tok, vision_grad=False)
         L.pop("present")                                        # a loss of the frozen tower alone
         answer, ptr, ok = _lm_losses(model, tokens, b, {k: l for k, l, w in plan if w})
@@ -367,8 +383,9 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
                 max_questions=max_questions, vision_lr=vision_lr, lr=lr, warmup=warmup, shape_first=shape_first,
                 easy_fraction=easy_fraction, easy_objects=easy_objects, aux_weight=aux_weight, pointer_layer=pointer_layer,
                 pointer_weight=pointer_weight, word_layer=word_layer, word_weight=word_weight, gather_layer=gather_layer,
-                gather_weight=gather_weight, seed=seed, seconds=stamp(), device=str(device), torch=torch.__version__,
+                gather_weight=gather_weight, prune=prune, keep_range=list(keep_range), seed=seed, seconds=stamp(), device=str(device), torch=torch.__version__,
                 threads=torch.get_num_threads(), log=log)
+    if init: info["init"] = parent
     if out: save(model, proc, out, info)
     return model, proc, info
 
