@@ -172,6 +172,7 @@ def make_batch(seeds:list, # one scene seed per sequence
                max_objects:int|None=None, # draw 1..max_objects objects per scene (None: the benchmark's own mix)
                prune:float=0.0, # probability that a sequence sees only a random subset of its visual tokens
                keep_range:tuple=(0.1, 0.5), # the fraction of visual tokens such a sequence keeps, drawn uniformly
+               split_pairs:bool=False, # a question about two objects points half of the heads at each (else all at both)
               ) -> dict:
     "Packed question blocks over one image per sequence: ids, positions, block mask, labels, pointers, pixels, targets."
     from todre.scenes import question_objects
@@ -200,14 +201,17 @@ def make_batch(seeds:list, # one scene seed per sequence
             ids += qi + a + [tok.eos_token_id]; pos += list(range(P - drop, P - drop + n)); blk += [j + 1] * n
             lab += [-100] * len(qi) + a + [tok.eos_token_id]; fam += [None] * len(qi) + [q.family, None]
             refs = [] if q.family == "count" else question_objects(sc, q.question)
-            tgt = img0 + np.flatnonzero(np.isin(own, refs) & keep) if refs else []
-            if len(tgt): ptr.append((r, start + len(qi) - 1, tgt))
+            groups = [(refs, 0)]                                 # head group: 0 all, 1 first half, 2 second half
+            if split_pairs and q.family in ("spatial", "two_object") and len(refs) == 2: groups = [(refs[:1], 1), (refs[1:], 2)]
+            for objs, g in groups:
+                tgt = img0 + np.flatnonzero(np.isin(own, objs) & keep) if objs else []
+                if len(tgt): ptr.append((r, start + len(qi) - 1, tgt, g))
             content = [start + i for i, t in enumerate(qi) if t in words]   # colour and shape words of the question
             for i in content:
                 kind, v = words[ids[i]]
                 hit = np.flatnonzero((out[kind][r].numpy() == v) & keep)
-                if len(hit): wptr.append((r, i, img0 + hit))
-            if content: gptr.append((r, start + len(qi) - 1, np.array(content)))
+                if len(hit): wptr.append((r, i, img0 + hit, 0))
+            if content: gptr.append((r, start + len(qi) - 1, np.array(content), 0))
         rows.append((ids, pos, blk, lab, fam)); kept.append(keep)
     B, L = len(rows), max(len(r[0]) for r in rows)
     input_ids = torch.full((B, L), tok.pad_token_id); position_ids = torch.zeros(B, L, dtype=torch.long)
@@ -221,8 +225,9 @@ def make_batch(seeds:list, # one scene seed per sequence
     mask = (i[:, None] >= i[None, :]) & ((bk == 0) | (bk == bq)) & (bk >= 0) | torch.eye(L, dtype=torch.bool)
     def pack(items):
         targets = torch.zeros(len(items), L, dtype=torch.bool)
-        for n_, (_, _, t) in enumerate(items): targets[n_, torch.as_tensor(t, dtype=torch.long)] = True
-        return (torch.tensor([p[0] for p in items], dtype=torch.long), torch.tensor([p[1] for p in items], dtype=torch.long), targets)
+        for n_, (_, _, t, _) in enumerate(items): targets[n_, torch.as_tensor(t, dtype=torch.long)] = True
+        col = lambda j: torch.tensor([p[j] for p in items], dtype=torch.long)
+        return col(0), col(1), targets, col(3)
     out.update(input_ids=input_ids, position_ids=position_ids, attention_mask=mask[:, None], labels=labels,
                families=families, pointers=dict(objects=pack(ptr), words=pack(wptr), gather=pack(gptr)),
                visual_kept=torch.from_numpy(np.stack(kept)))
@@ -235,10 +240,11 @@ class AuxHeads(nn.Module):
         super().__init__()
         self.present = nn.Linear(vision_hidden, len(COLOURS) * len(SHAPES))
         self.colour, self.shape, self.centre = nn.Linear(text_hidden, len(COLOURS) + 1), nn.Linear(text_hidden, len(SHAPES) + 1), nn.Linear(text_hidden, 2)
+        self.where = nn.Linear(text_hidden, 2 * GRID)        # row and column of each patch token
 
 def _word_ids(tok, words): return torch.tensor([tok.convert_tokens_to_ids(w) for w in words])
 
-def _aux_losses(model, aux, b, tok, vision_grad:bool=True):
+def _aux_losses(model, aux, b, tok, vision_grad:bool=True, where:bool=False):
     "Projected patch tokens and the auxiliary losses of a batch."
     with torch.set_grad_enabled(vision_grad and torch.is_grad_enabled()):
         vout = model.model.vision_tower(b["pixel_values"], output_hidden_states=True)
@@ -253,6 +259,10 @@ def _aux_losses(model, aux, b, tok, vision_grad:bool=True):
              pool=F.cross_entropy(aux.shape(b["pool"] @ tokens)[..., 1:].flatten(0, 1), b["pool_shape"].flatten(), ignore_index=-100),
              ground=(F.cross_entropy(t @ E[_word_ids(tok, COLOURS).to(E.device)].T, b["colour"][obj] - 1)
                      + F.cross_entropy(t @ E[_word_ids(tok, SHAPES).to(E.device)].T, b["shape"][obj] - 1)) if obj.any() else tokens.sum() * 0)
+    if where:                                                   # each projected token's own row and column
+        idx = torch.arange(GRID * GRID, device=tokens.device).repeat(len(tokens))
+        w = aux.where(tokens).flatten(0, 1)
+        L["where"] = F.cross_entropy(w[:, :GRID], idx // GRID) + F.cross_entropy(w[:, GRID:], idx % GRID)
     return tokens, L
 
 def _lm_losses(model, tokens, b, layers:dict):
@@ -283,7 +293,7 @@ def _lm_losses(model, tokens, b, layers:dict):
     B, L, _ = emb.shape
     cos, sin = lm.rotary_emb(emb, b["position_ids"])
     for name, l in layers.items():
-        r, qp, targets = b["pointers"][name]
+        r, qp, targets, grp = b["pointers"][name]
         if not len(r): pointers[name] = answer * 0; continue
         attn = lm.layers[l].self_attn
         H, hd = attn.config.num_attention_heads, attn.head_dim
@@ -292,7 +302,9 @@ def _lm_losses(model, tokens, b, layers:dict):
         k = k.repeat_interleave(H // k.shape[1], 1)
         s = torch.einsum("nhd,nhld->nhl", q[r, :, qp], k[r]) * attn.scaling
         p = s.masked_fill(~b["attention_mask"][r, 0, qp][:, None], float("-inf")).softmax(-1)
-        mass = (p * targets[:, None]).sum(-1).mean(1)
+        half = torch.arange(H, device=p.device) < H // 2
+        heads = torch.stack([torch.ones_like(half), half, ~half]).float()[grp]   # (N, H) the heads each pointer trains
+        mass = ((p * targets[:, None]).sum(-1) * heads).sum(1) / heads.sum(1)
         pointers[name] = -torch.log(mass + 1e-6).mean()
     return answer, pointers, right
 
@@ -316,6 +328,8 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
           word_layer:int=0, gather_layer:int=1, # layers of the word and gather pointers
           word_weight:float=1.0, gather_weight:float=1.0, # their weights (0 turns one off)
           prune:float=0.0, keep_range:tuple=(0.1, 0.5), # phase 2: sequences that see a random subset of their visual tokens
+          split_pairs:bool=False, # phase 2: two-object questions point half of the pointer layer's heads at each object
+          position_aux:bool=False, # phase 2: an auxiliary loss that reads each projected token's row and column
           init:str|None=None, # start from this saved testbed instead of fresh weights (phase 1 then runs only if asked)
           seed:int=0, # seeds the weights, the data order and the scenes
           out:str|None=None, # directory to save the trained model to (and checkpoints while training)
@@ -361,8 +375,8 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
     right = {}
     for step in bar:
         easy = step < easy_fraction * steps
-        b = to(make_batch(draw(batch_size), proc, rng, max_questions, easy_objects if easy else None, prune, keep_range))
-        tokens, L = _aux_losses(model, aux, b, tok, vision_grad=False)
+        b = to(make_batch(draw(batch_size), proc, rng, max_questions, easy_objects if easy else None, prune, keep_range, split_pairs))
+        tokens, L = _aux_losses(model, aux, b, tok, vision_grad=False, where=position_aux)
         L.pop("present")                                        # a loss of the frozen tower alone
         answer, ptr, ok = _lm_losses(model, tokens, b, {k: l for k, l, w in plan if w})
         loss = answer + sum(w * ptr[k] for k, _, w in plan if w) + aux_weight * sum(L.values())
@@ -383,7 +397,8 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
                 max_questions=max_questions, vision_lr=vision_lr, lr=lr, warmup=warmup, shape_first=shape_first,
                 easy_fraction=easy_fraction, easy_objects=easy_objects, aux_weight=aux_weight, pointer_layer=pointer_layer,
                 pointer_weight=pointer_weight, word_layer=word_layer, word_weight=word_weight, gather_layer=gather_layer,
-                gather_weight=gather_weight, prune=prune, keep_range=list(keep_range), seed=seed, seconds=stamp(), device=str(device), torch=torch.__version__,
+                gather_weight=gather_weight, prune=prune, keep_range=list(keep_range), split_pairs=split_pairs,
+                position_aux=position_aux, seed=seed, seconds=stamp(), device=str(device), torch=torch.__version__,
                 threads=torch.get_num_threads(), log=log)
     if init: info["init"] = parent
     if out: save(model, proc, out, info)
