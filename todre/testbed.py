@@ -329,7 +329,7 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
           word_weight:float=1.0, gather_weight:float=1.0, # their weights (0 turns one off)
           prune:float=0.0, keep_range:tuple=(0.1, 0.5), # phase 2: sequences that see a random subset of their visual tokens
           split_pairs:bool=False, # phase 2: two-object questions point half of the pointer layer's heads at each object
-          position_aux:bool=False, # phase 2: an auxiliary loss that reads each projected token's row and column
+          position_aux:bool=False, # both phases: an auxiliary loss that reads each projected token's row and column
           init:str|None=None, # start from this saved testbed instead of fresh weights (phase 1 then runs only if asked)
           seed:int=0, # seeds the weights, the data order and the scenes
           out:str|None=None, # directory to save the trained model to (and checkpoints while training)
@@ -360,7 +360,7 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
     sched = _cosine(opt, vision_steps, flat=0.8)
     for step in tqdm(range(vision_steps), disable=not progress, desc="phase 1: vision tower"):
         _, b = _scene_batch(draw(vision_batch), proc, rng)
-        _, L = _aux_losses(model, aux, to(b), tok)
+        _, L = _aux_losses(model, aux, to(b), tok, where=position_aux)
         loss = L["shape"] + L["pool"] if step < shape_first * vision_steps else sum(L.values())
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(vparams, 5.0); opt.step(); sched.step()
