@@ -345,8 +345,8 @@ def testbed_report(model, processor, n_scenes:int=150, # held-out test scenes (a
 def _recipe(info:dict, out:str|None=None) -> str:
     "The `todre.testbed.train` call that produced one run: the arguments that differ from the defaults."
     import inspect
-    from todre.testbed import train
-    skip = {"out", "checkpoint_every", "device", "log_every", "progress"}
+    from todre.testbed import train, _RUN_ARGS
+    skip = set(_RUN_ARGS) - {"init"}                                # init keeps its place, named below
     args = {k: info[k] for k, v in inspect.signature(train).parameters.items()
             if k not in skip and k in info and info[k] != (list(v.default) if isinstance(v.default, tuple) else v.default)}
     if "init" in info: args["init"] = "'first'"

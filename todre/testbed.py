@@ -316,6 +316,8 @@ def _cosine(opt, steps, warmup=0, flat=0.0):
         return w * (1.0 if s < start else 0.5 * (1 + math.cos(math.pi * min(1.0, (s - start) / max(1.0, steps - start)))))
     return torch.optim.lr_scheduler.LambdaLR(opt, f)
 
+_RUN_ARGS = ("init", "out", "checkpoint_every", "device", "log_every", "progress")   # `train` arguments that are not the recipe
+
 def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the auxiliary objectives
           steps:int=800, # phase 2: steps of the whole model on packed question blocks
           vision_batch:int=16, # images per phase-1 step
@@ -335,6 +337,7 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
           out:str|None=None, # directory to save the trained model to (and checkpoints while training)
           checkpoint_every:int=100, device:str="cpu", log_every:int=25, progress:bool=True):
     "Train the testbed from scratch on freshly rendered training scenes; returns `(model, processor, info)`."
+    recipe = {k: list(v) if isinstance(v, tuple) else v for k, v in locals().items() if k not in _RUN_ARGS}
     from tqdm.auto import tqdm
     torch.manual_seed(seed)
     if init:
@@ -393,13 +396,7 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
         if out and checkpoint_every and (step + 1) % checkpoint_every == 0: save(model, proc, out, dict(log=log, step=step + 1))
     model.model.vision_tower.requires_grad_(True)
     model.eval()
-    info = dict(vision_steps=vision_steps, steps=steps, vision_batch=vision_batch, batch_size=batch_size,
-                max_questions=max_questions, vision_lr=vision_lr, lr=lr, warmup=warmup, shape_first=shape_first,
-                easy_fraction=easy_fraction, easy_objects=easy_objects, aux_weight=aux_weight, pointer_layer=pointer_layer,
-                pointer_weight=pointer_weight, word_layer=word_layer, word_weight=word_weight, gather_layer=gather_layer,
-                gather_weight=gather_weight, prune=prune, keep_range=list(keep_range), split_pairs=split_pairs,
-                position_aux=position_aux, seed=seed, seconds=stamp(), device=str(device), torch=torch.__version__,
-                threads=torch.get_num_threads(), log=log)
+    info = dict(recipe, seconds=stamp(), device=str(device), torch=torch.__version__, threads=torch.get_num_threads(), log=log)
     if init: info["init"] = parent
     if out: save(model, proc, out, info)
     return model, proc, info
