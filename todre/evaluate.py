@@ -365,11 +365,16 @@ def model_card(info:dict, # training information saved by `todre.testbed.train`
     runs = ([info["init"]] if "init" in info else []) + [info]
     first = runs[0]
     more = "" if len(runs) == 1 else (
-        f" Then {info['steps']} more phase-2 steps from that model (learning rate {info['lr']}{'' if info['easy_fraction'] else ', no curriculum'})"
+        " Then"
+        + (f" {info['vision_steps']} more phase-1 steps (learning rate {info['vision_lr']}{', no shape-only start' if not info.get('shape_first') else ''}) and"
+           if info.get("vision_steps") else "")
+        + f" {info['steps']} more phase-2 steps from that model (learning rate {info['lr']}{'' if info['easy_fraction'] else ', no curriculum'})"
         + (f", in which {100 * info['prune']:.0f} % of the sequences keep only a random {100 * info['keep_range'][0]:.0f}–"
            f"{100 * info['keep_range'][1]:.0f} % of their visual tokens, dropped and renumbered as stage 1 does" if info.get("prune") else "")
         + (f"; questions about two objects point half of the layer-{info['pointer_layer']} heads at each object" if info.get("split_pairs") else "")
-        + ("; an auxiliary loss reads each projected token's row and column" if info.get("position_aux") else "")
+        + ("; an auxiliary loss reads each projected token's row and column, as coordinates" if info.get("position_aux") else "")
+        + (f"; a loss (weight {info['compare_weight']}) reads, right after layer {info['pointer_layer']}, which of a question's two objects is further right and further down"
+           if info.get("compare_weight") else "")
         + ".")
     recipe = "; then ".join(f"`{_recipe(r, 'first' if len(runs) > 1 and r is first else None)}`" for r in runs)
     time_ = " + ".join(f"{r['seconds'] / 60:.1f}" for r in runs) + f" min on {info['device']} with {info.get('threads', '?')} threads (torch {info['torch']})"

@@ -174,8 +174,8 @@ def make_batch(seeds:list, # one scene seed per sequence
                keep_range:tuple=(0.1, 0.5), # the fraction of visual tokens such a sequence keeps, drawn uniformly
                split_pairs:bool=False, # a question about two objects points half of the heads at each (else all at both)
               ) -> dict:
-    "Packed question blocks over one image per sequence: ids, positions, block mask, labels, pointers, pixels, targets."
-    from todre.scenes import question_objects
+    "Packed question blocks over one image per sequence: ids, positions, block mask, labels, pointers, pairs, pixels, targets."
+    from todre.scenes import question_objects, relation_holds
     tok = processor.tokenizer
     rng = rng or np.random.default_rng(0)
     scenes, out = _scene_batch(seeds, processor, rng, max_objects)
@@ -183,7 +183,7 @@ def make_batch(seeds:list, # one scene seed per sequence
     P, img0 = len(prefix), prefix.index(tok.convert_tokens_to_ids("<image>"))
     tail = PROMPT.split("<image>")[1]
     words = _attribute_words(tok)
-    rows, ptr, wptr, gptr, kept = [], [], [], [], []
+    rows, ptr, wptr, gptr, kept, pairs = [], [], [], [], [], []
     for r, (sc, own) in enumerate(zip(scenes, out["owner"].numpy())):
         qs = scene_questions(sc, int(rng.integers(1 << 30)))
         qs = [qs[i] for i in rng.permutation(len(qs))[:max_questions]]
@@ -206,6 +206,10 @@ def make_batch(seeds:list, # one scene seed per sequence
             for objs, g in groups:
                 tgt = img0 + np.flatnonzero(np.isin(own, objs) & keep) if objs else []
                 if len(tgt): ptr.append((r, start + len(qi) - 1, tgt, g))
+            if len(refs) == 2:                                   # is the first object right of / below the second?
+                a_, b_ = (sc.objects[i] for i in refs)
+                side = [relation_holds(a_, rel, b_) for rel in ("right of", "below")]
+                pairs.append((r, start + len(qi) - 1, [-100 if s is None else int(s) for s in side]))
             content = [start + i for i, t in enumerate(qi) if t in words]   # colour and shape words of the question
             for i in content:
                 kind, v = words[ids[i]]
@@ -230,6 +234,7 @@ def make_batch(seeds:list, # one scene seed per sequence
         return col(0), col(1), targets, col(3)
     out.update(input_ids=input_ids, position_ids=position_ids, attention_mask=mask[:, None], labels=labels,
                families=families, pointers=dict(objects=pack(ptr), words=pack(wptr), gather=pack(gptr)),
+               pairs=tuple(torch.tensor([p[j] for p in pairs], dtype=torch.long).reshape(s) for j, s in ((0, -1), (1, -1), (2, (-1, 2)))),
                visual_kept=torch.from_numpy(np.stack(kept)))
     return out
 
@@ -240,7 +245,8 @@ class AuxHeads(nn.Module):
         super().__init__()
         self.present = nn.Linear(vision_hidden, len(COLOURS) * len(SHAPES))
         self.colour, self.shape, self.centre = nn.Linear(text_hidden, len(COLOURS) + 1), nn.Linear(text_hidden, len(SHAPES) + 1), nn.Linear(text_hidden, 2)
-        self.where = nn.Linear(text_hidden, 2 * GRID)        # row and column of each patch token
+        self.where = nn.Linear(text_hidden, 2)               # row and column of each patch token, as coordinates in [-1, 1]
+        self.compare = nn.Linear(text_hidden, 2)             # is a question's first object right of / below its second?
 
 def _word_ids(tok, words): return torch.tensor([tok.convert_tokens_to_ids(w) for w in words])
 
@@ -259,14 +265,15 @@ def _aux_losses(model, aux, b, tok, vision_grad:bool=True, where:bool=False):
              pool=F.cross_entropy(aux.shape(b["pool"] @ tokens)[..., 1:].flatten(0, 1), b["pool_shape"].flatten(), ignore_index=-100),
              ground=(F.cross_entropy(t @ E[_word_ids(tok, COLOURS).to(E.device)].T, b["colour"][obj] - 1)
                      + F.cross_entropy(t @ E[_word_ids(tok, SHAPES).to(E.device)].T, b["shape"][obj] - 1)) if obj.any() else tokens.sum() * 0)
-    if where:                                                   # each projected token's own row and column
-        idx = torch.arange(GRID * GRID, device=tokens.device).repeat(len(tokens))
-        w = aux.where(tokens).flatten(0, 1)
-        L["where"] = F.cross_entropy(w[:, :GRID], idx // GRID) + F.cross_entropy(w[:, GRID:], idx % GRID)
+    if where:                                                   # each projected token's own row and column, linearly
+        idx = torch.arange(GRID * GRID, device=tokens.device)
+        rc = torch.stack([idx // GRID, idx % GRID], 1).float() / (GRID - 1) * 2 - 1
+        err = (aux.where(tokens) - rc).pow(2).mean(-1)          # (B, 576)
+        L["where"] = 1.5 * (err.mean() + (err[obj].mean() if obj.any() else 0))   # objects' tokens count apart: about 1 when predicting 0
     return tokens, L
 
-def _lm_losses(model, tokens, b, layers:dict):
-    "Answer loss, one pointer loss per entry of `layers` (pointer name -> decoder layer), per-family correctness."
+def _lm_losses(model, tokens, b, layers:dict, compare:tuple|None=None):
+    "Answer loss, one pointer loss per entry of `layers` (pointer name -> decoder layer), per-family correctness; with `compare=(head, layer)` also the pair-comparison loss."
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
     lm = model.model.language_model
     cap, hooks = {}, []
@@ -277,7 +284,8 @@ def _lm_losses(model, tokens, b, layers:dict):
     try:
         emb = lm.embed_tokens(b["input_ids"])
         emb = emb.masked_scatter((b["input_ids"] == model.config.image_token_id)[..., None], tokens.to(emb.dtype))
-        h = lm(inputs_embeds=emb, attention_mask=b["attention_mask"], position_ids=b["position_ids"]).last_hidden_state
+        o = lm(inputs_embeds=emb, attention_mask=b["attention_mask"], position_ids=b["position_ids"], output_hidden_states=compare is not None)
+        h = o.last_hidden_state
     finally:
         for x in hooks: x.remove()
     sel = b["labels"][:, 1:] >= 0
@@ -306,6 +314,11 @@ def _lm_losses(model, tokens, b, layers:dict):
         heads = torch.stack([torch.ones_like(half), half, ~half]).float()[grp]   # (N, H) the heads each pointer trains
         mass = ((p * targets[:, None]).sum(-1) * heads).sum(1) / heads.sum(1)
         pointers[name] = -torch.log(mass + 1e-6).mean()
+    if compare is not None:                                     # read off the residual stream right after `layer`
+        head, layer = compare; r, qp, side = b["pairs"]
+        ok = side >= 0
+        pointers["compare"] = (F.binary_cross_entropy_with_logits(head(o.hidden_states[layer + 1][r, qp])[ok], side[ok].float())
+                               if ok.any() else answer * 0)
     return answer, pointers, right
 
 def _cosine(opt, steps, warmup=0, flat=0.0):
@@ -332,6 +345,7 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
           prune:float=0.0, keep_range:tuple=(0.1, 0.5), # phase 2: sequences that see a random subset of their visual tokens
           split_pairs:bool=False, # phase 2: two-object questions point half of the pointer layer's heads at each object
           position_aux:bool=False, # both phases: an auxiliary loss that reads each projected token's row and column
+          compare_weight:float=0.0, # phase 2: weight of a loss that reads, right after the pointer layer, which of a question's two objects is further right and further down (0: off)
           init:str|None=None, # start from this saved testbed instead of fresh weights (phase 1 then runs only if asked)
           seed:int=0, # seeds the weights, the data order and the scenes
           out:str|None=None, # directory to save the trained model to (and checkpoints while training)
@@ -381,8 +395,11 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
         b = to(make_batch(draw(batch_size), proc, rng, max_questions, easy_objects if easy else None, prune, keep_range, split_pairs))
         tokens, L = _aux_losses(model, aux, b, tok, vision_grad=False, where=position_aux)
         L.pop("present")                                        # a loss of the frozen tower alone
-        answer, ptr, ok = _lm_losses(model, tokens, b, {k: l for k, l, w in plan if w})
-        loss = answer + sum(w * ptr[k] for k, _, w in plan if w) + aux_weight * sum(L.values())
+        answer, ptr, ok = _lm_losses(model, tokens, b, {k: l for k, l, w in plan if w},
+                                     (aux.compare, pointer_layer) if compare_weight else None)
+        if compare_weight: L["compare"] = ptr.pop("compare")
+        loss = (answer + sum(w * ptr[k] for k, _, w in plan if w) + aux_weight * sum(v for k, v in L.items() if k != "compare")
+                + compare_weight * L.get("compare", 0))
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); sched.step()
         for f, v in ok.items(): right.setdefault(f, []).extend(v)
