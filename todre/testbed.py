@@ -397,9 +397,8 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
         L.pop("present")                                        # a loss of the frozen tower alone
         answer, ptr, ok = _lm_losses(model, tokens, b, {k: l for k, l, w in plan if w},
                                      (aux.compare, pointer_layer) if compare_weight else None)
-        if compare_weight: L["compare"] = ptr.pop("compare")
-        loss = (answer + sum(w * ptr[k] for k, _, w in plan if w) + aux_weight * sum(v for k, v in L.items() if k != "compare")
-                + compare_weight * L.get("compare", 0))
+        cmp = ptr.pop("compare", None)
+        loss = answer + sum(w * ptr[k] for k, _, w in plan if w) + aux_weight * sum(L.values()) + (compare_weight * cmp if cmp is not None else 0)
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); sched.step()
         for f, v in ok.items(): right.setdefault(f, []).extend(v)
@@ -407,7 +406,7 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
             acc = {f"train_acc_{f}": round(float(np.mean(v)), 3) for f, v in sorted(right.items())}
             log.append(dict(phase=2, step=step, seconds=stamp(), answer=round(answer.item(), 4),
                             **{("pointer" if k == "objects" else f"pointer_{k}"): round(v.item(), 4) for k, v in ptr.items()},
-                            **{k: round(v.item(), 4) for k, v in L.items()}, **acc))
+                            **{k: round(v.item(), 4) for k, v in L.items()}, **({} if cmp is None else dict(compare=round(cmp.item(), 4))), **acc))
             bar.set_postfix(answer=f"{answer.item():.3f}", acc=f"{np.mean([x for v in right.values() for x in v]):.2f}")
             right = {}
         if out and checkpoint_every and (step + 1) % checkpoint_every == 0: save(model, proc, out, dict(log=log, step=step + 1))
