@@ -342,16 +342,41 @@ def testbed_report(model, processor, n_scenes:int=150, # held-out test scenes (a
                 seconds_per_question=seconds_per_question(model, processor, samples[:n_speed]),
                 threads=torch.get_num_threads())
 
-def _recipe(info:dict, out:str|None=None) -> str:
+def _recipe(info:dict, out:str|None=None, init:str|None=None) -> str:
     "The `todre.testbed.train` call that produced one run: the arguments that differ from the defaults."
     import inspect
     from todre.testbed import train, _RUN_ARGS
     skip = set(_RUN_ARGS) - {"init"}                                # init keeps its place, named below
     args = {k: info[k] for k, v in inspect.signature(train).parameters.items()
             if k not in skip and k in info and info[k] != (list(v.default) if isinstance(v.default, tuple) else v.default)}
-    if "init" in info: args["init"] = "'first'"
+    if "init" in info: args["init"] = f"'{init}'"
     if out: args["out"] = f"'{out}'"
     return "todre.testbed.train(" + ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v}" for k, v in args.items()) + ")"
+
+def _runs(info:dict) -> list:
+    "The chain of `train` calls behind a testbed, first call first (each run's `init` holds its parent's information)."
+    runs = []
+    while info is not None: runs.insert(0, info); info = info.get("init")
+    return runs
+
+def _run_name(i:int) -> str: return ("first", "second", "third", "fourth")[i] if i < 4 else f"run{i + 1}"
+
+def _options(r:dict) -> str:
+    "The phase-2 options of one run, as clauses of a sentence."
+    return ((f", in which {100 * r['prune']:.0f} % of the sequences keep only a random {100 * r['keep_range'][0]:.0f}–"
+             f"{100 * r['keep_range'][1]:.0f} % of their visual tokens, dropped and renumbered as stage 1 does" if r.get("prune") else "")
+            + (f"; questions about two objects point half of the layer-{r['pointer_layer']} heads at each object" if r.get("split_pairs") else "")
+            + ("; an auxiliary loss reads each projected token's row and column, as coordinates" if r.get("position_aux") else "")
+            + (f"; a loss (weight {r['compare_weight']}) reads, right after layer {r['pointer_layer']}, which of a question's two objects is further right and further down"
+               if r.get("compare_weight") else ""))
+
+def _then(r:dict) -> str:
+    "The sentence for a run that started from the previous one."
+    return (" Then"
+            + (f" {r['vision_steps']} more phase-1 steps (learning rate {r['vision_lr']}{', no shape-only start' if not r.get('shape_first') else ''}) and"
+               if r.get("vision_steps") else "")
+            + f" {r['steps']} more phase-2 steps from that model (learning rate {r['lr']}{'' if r['easy_fraction'] else ', no curriculum'})"
+            + _options(r) + ".")
 
 def model_card(info:dict, # training information saved by `todre.testbed.train`
                report:dict, # from `testbed_report`
@@ -362,21 +387,11 @@ def model_card(info:dict, # training information saved by `todre.testbed.train`
     fams = [f for f in acc if f != "overall"] + ["overall"]
     rows = "\n".join(f"| {f} | {100 * acc[f]:.1f} | {100 * blank[f]:.1f} | {100 * major[f]:.1f} |" for f in fams)
     p = report["pope"]
-    runs = ([info["init"]] if "init" in info else []) + [info]
+    runs = _runs(info)
     first = runs[0]
-    more = "" if len(runs) == 1 else (
-        " Then"
-        + (f" {info['vision_steps']} more phase-1 steps (learning rate {info['vision_lr']}{', no shape-only start' if not info.get('shape_first') else ''}) and"
-           if info.get("vision_steps") else "")
-        + f" {info['steps']} more phase-2 steps from that model (learning rate {info['lr']}{'' if info['easy_fraction'] else ', no curriculum'})"
-        + (f", in which {100 * info['prune']:.0f} % of the sequences keep only a random {100 * info['keep_range'][0]:.0f}–"
-           f"{100 * info['keep_range'][1]:.0f} % of their visual tokens, dropped and renumbered as stage 1 does" if info.get("prune") else "")
-        + (f"; questions about two objects point half of the layer-{info['pointer_layer']} heads at each object" if info.get("split_pairs") else "")
-        + ("; an auxiliary loss reads each projected token's row and column, as coordinates" if info.get("position_aux") else "")
-        + (f"; a loss (weight {info['compare_weight']}) reads, right after layer {info['pointer_layer']}, which of a question's two objects is further right and further down"
-           if info.get("compare_weight") else "")
-        + ".")
-    recipe = "; then ".join(f"`{_recipe(r, 'first' if len(runs) > 1 and r is first else None)}`" for r in runs)
+    more = _options(first) + "." + "".join(_then(r) for r in runs[1:])
+    recipe = "; then ".join(f"`{_recipe(r, _run_name(i) if i < len(runs) - 1 else None, _run_name(i - 1) if i else None)}`"
+                            for i, r in enumerate(runs))
     time_ = " + ".join(f"{r['seconds'] / 60:.1f}" for r in runs) + f" min on {info['device']} with {info.get('threads', '?')} threads (torch {info['torch']})"
     pruned = any(r.get("prune") for r in runs)
     limit = ("- Its pruned training sequences were random subsets of the grid: it has learnt that the image may arrive incomplete, not which tokens any selector keeps."
@@ -393,7 +408,7 @@ A small `LlavaForConditionalGeneration` trained from scratch on todre's syntheti
 - Auxiliary training heads (not shipped): colour–shape presence from [CLS]; per patch token its colour, shape and object-centre flag.
 
 ## Training
-- Data: scenes rendered on the fly from the train split's seeds. Phase 1: {first['vision_steps']} steps × {first['vision_batch']} images (vision tower, projector and word embeddings on the auxiliary objectives). Phase 2: {first['steps']} steps × {first['batch_size']} images × up to {first['max_questions']} packed question blocks (projector, word embeddings and language model; the vision tower stays frozen).{more}
+- Data: scenes rendered on the fly from the train split's seeds. Phase 1: {first['vision_steps']} steps × {first['vision_batch']} images (vision tower, projector and word embeddings on the auxiliary objectives). Phase 2: {first['steps']} steps × {first['batch_size']} images × up to {first['max_questions']} packed question blocks (projector, word embeddings and language model; the vision tower stays frozen){more}
 - Losses in phase 2: the answer; pointer losses that shape attention in early decoder layers — at layer {info.get('word_layer', '-')} each colour/shape word of the question attends to the image tokens of that colour/shape (weight {info.get('word_weight', 0)}), at layer {info.get('gather_layer', '-')} the answer's query attends to those words (weight {info.get('gather_weight', 0)}), and at layer {info['pointer_layer']} it attends to the image tokens of the objects the question names (weight {info['pointer_weight']}) — which matters when reading attention-based analyses of this model; and the auxiliary losses (weight {info['aux_weight']}).
 - Recipe: {recipe}; AdamW.
 - Time: {time_}.
