@@ -362,7 +362,7 @@ def _runs(info:dict) -> list:
 def _run_name(i:int) -> str: return ("first", "second", "third", "fourth")[i] if i < 4 else f"run{i + 1}"
 
 def _options(r:dict) -> str:
-    "The phase-2 options of one run, as clauses of a sentence."
+    "The training options of one run (pruned sequences, split pointers, position and comparison losses), as clauses of a sentence."
     return ((f", in which {100 * r['prune']:.0f} % of the sequences keep only a random {100 * r['keep_range'][0]:.0f}–"
              f"{100 * r['keep_range'][1]:.0f} % of their visual tokens, dropped and renumbered as stage 1 does" if r.get("prune") else "")
             + (f"; questions about two objects point half of the layer-{r['pointer_layer']} heads at each object" if r.get("split_pairs") else "")
