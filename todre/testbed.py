@@ -234,9 +234,15 @@ def make_batch(seeds:list, # one scene seed per sequence
         return col(0), col(1), targets, col(3)
     out.update(input_ids=input_ids, position_ids=position_ids, attention_mask=mask[:, None], labels=labels,
                families=families, pointers=dict(objects=pack(ptr), words=pack(wptr), gather=pack(gptr)),
-               pairs=tuple(torch.tensor([p[j] for p in pairs], dtype=torch.long).reshape(s) for j, s in ((0, -1), (1, -1), (2, (-1, 2)))),
+               pairs=(torch.tensor([p[0] for p in pairs], dtype=torch.long), torch.tensor([p[1] for p in pairs], dtype=torch.long),
+                      torch.tensor([p[2] for p in pairs], dtype=torch.long).reshape(-1, 2)),
                visual_kept=torch.from_numpy(np.stack(kept)))
     return out
+
+def _embed(model, input_ids, tokens):
+    "Word embeddings of `input_ids` with the projected visual `tokens` filled in at the image positions."
+    e = model.model.language_model.embed_tokens(input_ids)
+    return e.masked_scatter((input_ids == model.config.image_token_id)[..., None], tokens.to(e.dtype))
 
 # %% ../nbs/10_testbed.ipynb #98366185
 class AuxHeads(nn.Module):
@@ -282,8 +288,7 @@ def _lm_losses(model, tokens, b, layers:dict, compare:tuple|None=None):
         hooks += [attn.q_proj.register_forward_hook(lambda m, a, o, l=l: cap.__setitem__(("q", l), o)),
                   attn.k_proj.register_forward_hook(lambda m, a, o, l=l: cap.__setitem__(("k", l), o))]
     try:
-        emb = lm.embed_tokens(b["input_ids"])
-        emb = emb.masked_scatter((b["input_ids"] == model.config.image_token_id)[..., None], tokens.to(emb.dtype))
+        emb = _embed(model, b["input_ids"], tokens)
         o = lm(inputs_embeds=emb, attention_mask=b["attention_mask"], position_ids=b["position_ids"], output_hidden_states=compare is not None)
         h = o.last_hidden_state
     finally:
