@@ -35,6 +35,28 @@ def test_training_is_deterministic():
     logs = [train(steps=2, batch_size=1, max_questions=2, vision_steps=1, vision_batch=1, progress=False, log_every=1)[2]["log"] for _ in range(2)]
     assert [r.get("answer", r["shape"]) for r in logs[0]] == [r.get("answer", r["shape"]) for r in logs[1]]
 
+def test_pointer_losses_match_the_model_attention():
+    "The losses recompute attention rows from q and k; they must equal what an eager forward pass attends."
+    from todre.testbed import _lm_losses, _embed
+    model, proc = build_testbed()                         # training runs SDPA, which takes the packed boolean mask as it is
+    eager, _ = build_testbed(attn_implementation="eager")  # the same weights, attention weights returned
+    b = make_batch([split_seed("train", i) for i in range(2)], proc, np.random.default_rng(1), max_questions=6)
+    tokens = torch.randn(2, 576, model.config.text_config.hidden_size) * 0.1    # moderate logits: no probability underflows
+    layers = dict(objects=2, count=3)
+    with torch.no_grad():
+        _, ptr, _ = _lm_losses(model, tokens, b, layers)
+        additive = torch.zeros(b["attention_mask"].shape).masked_fill(~b["attention_mask"], torch.finfo(torch.float32).min)   # eager adds its mask
+        att = eager.model.language_model(inputs_embeds=_embed(eager, b["input_ids"], tokens), attention_mask=additive,
+                                         position_ids=b["position_ids"], output_attentions=True).attentions
+    r, qp, t, _ = b["pointers"]["count"]                  # evenly over its targets: mean -log attention per target, heads averaged
+    assert len(r) and t[:, 0].all()
+    a = att[3][r, :, qp]                                  # (N, heads, L)
+    want = -(torch.where(t[:, None], a.clamp_min(1e-30).log(), 0).sum(-1) / t.sum(-1, keepdim=True)).mean()
+    assert torch.allclose(ptr["count"], want, rtol=1e-4)
+    r, qp, t, _ = b["pointers"]["objects"]                # all of its mass on the named objects' tokens
+    want = -torch.log((att[2][r, :, qp] * t[:, None]).sum(-1).mean(1) + 1e-6).mean()
+    assert torch.allclose(ptr["objects"], want, rtol=1e-4)
+
 needs_weights = pytest.mark.skipif(not (TESTBED_PATH / "config.json").exists(), reason="no trained testbed shipped")
 
 @needs_weights

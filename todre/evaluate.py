@@ -362,13 +362,16 @@ def _runs(info:dict) -> list:
 def _run_name(i:int) -> str: return ("first", "second", "third", "fourth")[i] if i < 4 else f"run{i + 1}"
 
 def _options(r:dict) -> str:
-    "The training options of one run (pruned sequences, split pointers, position and comparison losses), as clauses of a sentence."
+    "The training options of one run (pruned sequences, split pointers, position, comparison and counting losses), as clauses of a sentence."
     return ((f", in which {100 * r['prune']:.0f} % of the sequences keep only a random {100 * r['keep_range'][0]:.0f}–"
              f"{100 * r['keep_range'][1]:.0f} % of their visual tokens, dropped and renumbered as stage 1 does" if r.get("prune") else "")
             + (f"; questions about two objects point half of the layer-{r['pointer_layer']} heads at each object" if r.get("split_pairs") else "")
+            + (f" (at layer {r['gather_layer']} too, each half gathering its own object's words)" if r.get("split_pairs") and r.get("split_gather") else "")
             + ("; an auxiliary loss reads each projected token's row and column, as coordinates" if r.get("position_aux") else "")
             + (f"; a loss (weight {r['compare_weight']}) reads, right after layer {r['pointer_layer']}, which of a question's two objects is further right and further down"
-               if r.get("compare_weight") else ""))
+               if r.get("compare_weight") else "")
+            + (f"; at layer {r['count_layer']} a counting question's query spreads its attention evenly over the first token and each counted object's centre patch (weight {r['count_weight']})"
+               if r.get("count_weight") else ""))
 
 def _then(r:dict) -> str:
     "The sentence for a run that started from the previous one."

@@ -173,6 +173,7 @@ def make_batch(seeds:list, # one scene seed per sequence
                prune:float=0.0, # probability that a sequence sees only a random subset of its visual tokens
                keep_range:tuple=(0.1, 0.5), # the fraction of visual tokens such a sequence keeps, drawn uniformly
                split_pairs:bool=False, # a question about two objects points half of the heads at each (else all at both)
+               split_gather:bool=False, # with `split_pairs`, the gather pointer too: each half of the heads gathers its own object's words
               ) -> dict:
     "Packed question blocks over one image per sequence: ids, positions, block mask, labels, pointers, pairs, pixels, targets."
     from todre.scenes import question_objects, relation_holds
@@ -183,7 +184,7 @@ def make_batch(seeds:list, # one scene seed per sequence
     P, img0 = len(prefix), prefix.index(tok.convert_tokens_to_ids("<image>"))
     tail = PROMPT.split("<image>")[1]
     words = _attribute_words(tok)
-    rows, ptr, wptr, gptr, kept, pairs = [], [], [], [], [], []
+    rows, ptr, wptr, gptr, cptr, kept, pairs = [], [], [], [], [], [], []
     for r, (sc, own) in enumerate(zip(scenes, out["owner"].numpy())):
         qs = scene_questions(sc, int(rng.integers(1 << 30)))
         qs = [qs[i] for i in rng.permutation(len(qs))[:max_questions]]
@@ -215,7 +216,13 @@ def make_batch(seeds:list, # one scene seed per sequence
                 kind, v = words[ids[i]]
                 hit = np.flatnonzero((out[kind][r].numpy() == v) & keep)
                 if len(hit): wptr.append((r, i, img0 + hit, 0))
-            if content: gptr.append((r, start + len(qi) - 1, np.array(content), 0))
+            if content and split_gather and len(groups) == 2:       # each head group gathers its own object's words
+                h = len(content) // 2
+                gptr += [(r, start + len(qi) - 1, np.array(content[:h]), 1), (r, start + len(qi) - 1, np.array(content[h:]), 2)]
+            elif content: gptr.append((r, start + len(qi) - 1, np.array(content), 0))
+            if q.family == "count":                              # the first token and the centre patch of each counted object
+                centres = {int(o.center[1] // PATCH) * GRID + int(o.center[0] // PATCH) for o in (sc.objects[i] for i in question_objects(sc, q.question))}
+                cptr.append((r, start + len(qi) - 1, np.array([0] + [img0 + c for c in sorted(centres) if keep[c]]), 0))
         rows.append((ids, pos, blk, lab, fam)); kept.append(keep)
     B, L = len(rows), max(len(r[0]) for r in rows)
     input_ids = torch.full((B, L), tok.pad_token_id); position_ids = torch.zeros(B, L, dtype=torch.long)
@@ -233,7 +240,7 @@ def make_batch(seeds:list, # one scene seed per sequence
         col = lambda j: torch.tensor([p[j] for p in items], dtype=torch.long)
         return col(0), col(1), targets, col(3)
     out.update(input_ids=input_ids, position_ids=position_ids, attention_mask=mask[:, None], labels=labels,
-               families=families, pointers=dict(objects=pack(ptr), words=pack(wptr), gather=pack(gptr)),
+               families=families, pointers=dict(objects=pack(ptr), words=pack(wptr), gather=pack(gptr), count=pack(cptr)),
                pairs=(torch.tensor([p[0] for p in pairs], dtype=torch.long), torch.tensor([p[1] for p in pairs], dtype=torch.long),
                       torch.tensor([p[2] for p in pairs], dtype=torch.long).reshape(-1, 2)),
                visual_kept=torch.from_numpy(np.stack(kept)))
@@ -314,11 +321,15 @@ def _lm_losses(model, tokens, b, layers:dict, compare:tuple|None=None):
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         k = k.repeat_interleave(H // k.shape[1], 1)
         s = torch.einsum("nhd,nhld->nhl", q[r, :, qp], k[r]) * attn.scaling
-        p = s.masked_fill(~b["attention_mask"][r, 0, qp][:, None], float("-inf")).softmax(-1)
-        half = torch.arange(H, device=p.device) < H // 2
+        logp = s.masked_fill(~b["attention_mask"][r, 0, qp][:, None], float("-inf")).log_softmax(-1)
+        half = torch.arange(H, device=logp.device) < H // 2
         heads = torch.stack([torch.ones_like(half), half, ~half]).float()[grp]   # (N, H) the heads each pointer trains
-        mass = ((p * targets[:, None]).sum(-1) * heads).sum(1) / heads.sum(1)
-        pointers[name] = -torch.log(mass + 1e-6).mean()
+        if name == "count":                                      # evenly over its targets: the first token's share then says how many
+            fit = -torch.where(targets[:, None], logp, 0).sum(-1) / targets.sum(-1, keepdim=True)
+            pointers[name] = ((fit * heads).sum(1) / heads.sum(1)).mean()
+        else:
+            mass = ((logp.exp() * targets[:, None]).sum(-1) * heads).sum(1) / heads.sum(1)
+            pointers[name] = -torch.log(mass + 1e-6).mean()
     if compare is not None:                                     # read off the residual stream right after `layer`
         head, layer = compare; r, qp, side = b["pairs"]
         ok = side >= 0
@@ -349,6 +360,8 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
           word_weight:float=1.0, gather_weight:float=1.0, # their weights (0 turns one off)
           prune:float=0.0, keep_range:tuple=(0.1, 0.5), # phase 2: sequences that see a random subset of their visual tokens
           split_pairs:bool=False, # phase 2: two-object questions point half of the pointer layer's heads at each object
+          split_gather:bool=False, # phase 2, with `split_pairs`: at the gather layer too, each half of the heads gathers one object's words
+          count_layer:int=3, count_weight:float=0.0, # phase 2: a counting question's query spreads its attention over the first token and each counted object's centre patch (0: off)
           position_aux:bool=False, # both phases: an auxiliary loss that reads each projected token's row and column
           compare_weight:float=0.0, # phase 2: weight of a loss that reads, right after the pointer layer, which of a question's two objects is further right and further down (0: off)
           init:str|None=None, # start from this saved testbed instead of fresh weights (phase 1 then runs only if asked)
@@ -392,12 +405,13 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
     params = [p for p in model.parameters() if p.requires_grad] + list(aux.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = _cosine(opt, steps, warmup)
-    plan = [("objects", pointer_layer, pointer_weight), ("words", word_layer, word_weight), ("gather", gather_layer, gather_weight)]
+    plan = [("objects", pointer_layer, pointer_weight), ("words", word_layer, word_weight), ("gather", gather_layer, gather_weight),
+            ("count", count_layer, count_weight)]
     bar = tqdm(range(steps), disable=not progress, desc="phase 2: full model")
     right = {}
     for step in bar:
         easy = step < easy_fraction * steps
-        b = to(make_batch(draw(batch_size), proc, rng, max_questions, easy_objects if easy else None, prune, keep_range, split_pairs))
+        b = to(make_batch(draw(batch_size), proc, rng, max_questions, easy_objects if easy else None, prune, keep_range, split_pairs, split_gather))
         tokens, L = _aux_losses(model, aux, b, tok, vision_grad=False, where=position_aux)
         L.pop("present")                                        # a loss of the frozen tower alone
         answer, ptr, ok = _lm_losses(model, tokens, b, {k: l for k, l, w in plan if w},
