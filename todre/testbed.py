@@ -124,6 +124,8 @@ def pixels(images, processor) -> torch.Tensor:
     x = (x - np.array(ip.image_mean, dtype=np.float32)) / np.array(ip.image_std, dtype=np.float32)
     return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
 
+def _centre_patch(o) -> int: return int(o.center[1] // PATCH) * GRID + int(o.center[0] // PATCH)   # the patch holding an object's centre
+
 def patch_targets(label:np.ndarray, objects) -> dict:
     "Per patch (576,): `owner` (object index, -1 background), `colour` and `shape` (0 background, else 1 + index), `centre` (0/1)."
     n = len(objects)
@@ -134,7 +136,7 @@ def patch_targets(label:np.ndarray, objects) -> dict:
     colour = np.array([0] + [1 + COLOURS.index(o.colour) for o in objects])[owner + 1]
     shape = np.array([0] + [1 + SHAPES.index(o.shape) for o in objects])[owner + 1]
     centre = np.zeros(GRID * GRID, np.int64)
-    for o in objects: centre[int(o.center[1] // PATCH) * GRID + int(o.center[0] // PATCH)] = 1
+    for o in objects: centre[_centre_patch(o)] = 1
     return dict(owner=owner, colour=colour, shape=shape, centre=centre)
 
 def presence_targets(objects) -> np.ndarray:
@@ -177,6 +179,7 @@ def make_batch(seeds:list, # one scene seed per sequence
               ) -> dict:
     "Packed question blocks over one image per sequence: ids, positions, block mask, labels, pointers, pairs, pixels, targets."
     from todre.scenes import question_objects, relation_holds
+    if split_gather and not split_pairs: raise ValueError("split_gather splits the gather pointer the way split_pairs splits the objects pointer: pass split_pairs=True too")
     tok = processor.tokenizer
     rng = rng or np.random.default_rng(0)
     scenes, out = _scene_batch(seeds, processor, rng, max_objects)
@@ -221,7 +224,7 @@ def make_batch(seeds:list, # one scene seed per sequence
                 gptr += [(r, start + len(qi) - 1, np.array(content[:h]), 1), (r, start + len(qi) - 1, np.array(content[h:]), 2)]
             elif content: gptr.append((r, start + len(qi) - 1, np.array(content), 0))
             if q.family == "count":                              # the first token and the centre patch of each counted object
-                centres = {int(o.center[1] // PATCH) * GRID + int(o.center[0] // PATCH) for o in (sc.objects[i] for i in question_objects(sc, q.question))}
+                centres = {_centre_patch(sc.objects[i]) for i in question_objects(sc, q.question)}
                 cptr.append((r, start + len(qi) - 1, np.array([0] + [img0 + c for c in sorted(centres) if keep[c]]), 0))
         rows.append((ids, pos, blk, lab, fam)); kept.append(keep)
     B, L = len(rows), max(len(r[0]) for r in rows)
@@ -370,6 +373,7 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
           checkpoint_every:int=100, device:str="cpu", log_every:int=25, progress:bool=True):
     "Train the testbed from scratch on freshly rendered training scenes; returns `(model, processor, info)`."
     recipe = {k: list(v) if isinstance(v, tuple) else v for k, v in locals().items() if k not in _RUN_ARGS}
+    if split_gather and not split_pairs: raise ValueError("split_gather needs split_pairs=True (found out now, not after phase 1)")
     from tqdm.auto import tqdm
     torch.manual_seed(seed)
     if init:
