@@ -275,18 +275,21 @@ def benchmark_score(model, processor, name:str, # a key of `PAPER_BENCHMARKS`
     return dict(score_benchmark(name, rows, preds), predictions=preds)
 
 # %% ../nbs/11_evaluate.ipynb #52aa5e1d
-def ablation_scores(model, processor, settings:list, # (name, retain, cfg) triples, as `compare` takes them; one named "unpruned"
+def ablation_scores(model, processor,
+                    settings, # (name, retain, cfg) triples as `compare` takes them, one named "unpruned"; or a function of the decoder's layer count returning them
                     data:dict, # benchmark name -> rows (`load_benchmark`)
                     prompt=None, progress:bool=True):
     "A table of settings × benchmarks (each benchmark's own score) with the mean score relative to \"unpruned\" (%)."
     import pandas as pd
+    from todre.adapters import get_adapter
+    if callable(settings): settings = settings(get_adapter(model).n_layers)   # settings that name layers, for this model's depth
     out = {name: {b: benchmark_score(model, processor, b, rows, cfg, prompt=prompt, progress=progress)["score"] for b, rows in data.items()}
            for name, _, cfg in settings}
     df = pd.DataFrame(out).T
     if "unpruned" in df.index: df["relative_%"] = 100 * (df[list(data)] / df.loc["unpruned", list(data)]).mean(axis=1)
     return df
 
-def hub_ablation(settings:list, # (name, retain, cfg) triples; one named "unpruned"
+def hub_ablation(settings, # (name, retain, cfg) triples, one named "unpruned"; or a function of the decoder's layer count returning them
                  model_id:str="llava-hf/llava-v1.6-vicuna-7b-hf", # the paper's main model
                  benchmarks=("mme", "scienceqa", "gqa", "pope"), # the paper's ablation set
                  n:int=500, # rows per benchmark (MME: n // 2 images, both questions each)
