@@ -72,3 +72,13 @@ def test_hub_cells_run_offline(name, offline_hub, monkeypatch):
     for src in cells[1:]:                                # then, in order, its definitions and its hub cells
         if src.startswith("#| hub") or definitions_only(src): exec(src, ns)
     assert offline_hub and set(offline_hub) == {HUB_ID}  # every hub cell loaded the paper's checkpoint
+
+
+def test_hub_ablation_rows_per_benchmark(offline_hub, monkeypatch):
+    asked = []
+    monkeypatch.setattr(todre.evaluate, "load_benchmark", lambda b, n=None, **kwargs: asked.append((b, n)) or [])
+    monkeypatch.setattr(todre.evaluate, "ablation_scores", lambda model, processor, settings, data, **kwargs: data)
+    for n in (500, None):
+        todre.evaluate.hub_ablation([("unpruned", 1.0, None)], n=n, progress=False)
+    assert asked == [("mme", 250), ("scienceqa", 500), ("gqa", 500), ("pope", 500),    # MME: n // 2 images, both questions
+                     ("mme", None), ("scienceqa", None), ("gqa", None), ("pope", None)]

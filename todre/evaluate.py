@@ -292,13 +292,13 @@ def ablation_scores(model, processor,
 def hub_ablation(settings, # (name, retain, cfg) triples, one named "unpruned"; or a function of the decoder's layer count returning them
                  model_id:str="llava-hf/llava-v1.6-vicuna-7b-hf", # the paper's main model
                  benchmarks=("mme", "scienceqa", "gqa", "pope"), # the paper's ablation set
-                 n:int=500, # rows per benchmark (MME: n // 2 images, both questions each)
+                 n:int|None=500, # rows per benchmark (MME: n // 2 images, both questions each); None: every row
                  device=None, seed:int=0, progress:bool=True):
     "`ablation_scores` on a Hub checkpoint and seeded subsets of the paper's benchmarks (needs the Hub)."
     from todre.cli import load_model
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, proc, prompt = load_model(model_id, device=device)
-    data = {b: load_benchmark(b, n // 2 if b == "mme" else n, seed=seed, progress=progress) for b in benchmarks}
+    data = {b: load_benchmark(b, n // 2 if n and b == "mme" else n, seed=seed, progress=progress) for b in benchmarks}
     return ablation_scores(model, proc, settings, data, prompt=prompt, progress=progress)
 
 # %% ../nbs/11_evaluate.ipynb #26c89ff1
