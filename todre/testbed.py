@@ -5,6 +5,7 @@
 # %% ../nbs/10_testbed.ipynb #20a3df79
 from __future__ import annotations
 import json, math, os, time, warnings
+from functools import partial
 from pathlib import Path
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
 from .scenes import (render_scene, scene_questions, question_vocabulary, split_seed, SHAPES, COLOURS, PLURALS, GRID, PATCH,
@@ -176,10 +177,12 @@ def make_batch(seeds:list, # one scene seed per sequence
                keep_range:tuple=(0.1, 0.5), # the fraction of visual tokens such a sequence keeps, drawn uniformly
                split_pairs:bool=False, # a question about two objects points half of the heads at each (else all at both)
                split_gather:bool=False, # with `split_pairs`, the gather pointer too: each half of the heads gathers its own object's words
+               route_by_relation:bool=False, # with `split_pairs`, a spatial question's first head group takes the object that is right of / below the other when the answer is yes
               ) -> dict:
     "Packed question blocks over one image per sequence: ids, positions, block mask, labels, pointers, pairs, pixels, targets."
     from todre.scenes import question_objects, relation_holds
     if split_gather and not split_pairs: raise ValueError("split_gather splits the gather pointer the way split_pairs splits the objects pointer: pass split_pairs=True too")
+    if route_by_relation and not split_pairs: raise ValueError("route_by_relation orders the head groups of split_pairs: pass split_pairs=True too")
     tok = processor.tokenizer
     rng = rng or np.random.default_rng(0)
     scenes, out = _scene_batch(seeds, processor, rng, max_objects)
@@ -187,7 +190,8 @@ def make_batch(seeds:list, # one scene seed per sequence
     P, img0 = len(prefix), prefix.index(tok.convert_tokens_to_ids("<image>"))
     tail = PROMPT.split("<image>")[1]
     words = _attribute_words(tok)
-    rows, ptr, wptr, gptr, cptr, kept, pairs = [], [], [], [], [], [], []
+    rows, ptr, wptr, gptr, cptr, rptr, kept, pairs = [], [], [], [], [], [], [], []
+    relation_ids = set(tok.convert_tokens_to_ids(["left", "right", "above", "below"]))
     for r, (sc, own) in enumerate(zip(scenes, out["owner"].numpy())):
         qs = scene_questions(sc, int(rng.integers(1 << 30)))
         qs = [qs[i] for i in rng.permutation(len(qs))[:max_questions]]
@@ -205,6 +209,8 @@ def make_batch(seeds:list, # one scene seed per sequence
             ids += qi + a + [tok.eos_token_id]; pos += list(range(P - drop, P - drop + n)); blk += [j + 1] * n
             lab += [-100] * len(qi) + a + [tok.eos_token_id]; fam += [None] * len(qi) + [q.family, None]
             refs = [] if q.family == "count" else question_objects(sc, q.question)
+            flip = route_by_relation and q.family == "spatial" and len(refs) == 2 and any(f" {r} the " in q.question for r in ("left of", "above"))
+            if flip: refs = refs[::-1]                           # "A left of B" is asked as "B right of A"
             groups = [(refs, 0)]                                 # head group: 0 all, 1 first half, 2 second half
             if split_pairs and q.family in ("spatial", "two_object") and len(refs) == 2: groups = [(refs[:1], 1), (refs[1:], 2)]
             for objs, g in groups:
@@ -221,8 +227,11 @@ def make_batch(seeds:list, # one scene seed per sequence
                 if len(hit): wptr.append((r, i, img0 + hit, 0))
             if content and split_gather and len(groups) == 2:       # each head group gathers its own object's words
                 h = len(content) // 2
-                gptr += [(r, start + len(qi) - 1, np.array(content[:h]), 1), (r, start + len(qi) - 1, np.array(content[h:]), 2)]
+                first, second = (content[h:], content[:h]) if flip else (content[:h], content[h:])
+                gptr += [(r, start + len(qi) - 1, np.array(first), 1), (r, start + len(qi) - 1, np.array(second), 2)]
             elif content: gptr.append((r, start + len(qi) - 1, np.array(content), 0))
+            if q.family == "spatial":                            # the relation word of the question
+                rptr.append((r, start + len(qi) - 1, np.array([start + i for i, t in enumerate(qi) if t in relation_ids]), 0))
             if q.family == "count":                              # the first token and the centre patch of each counted object
                 centres = {_centre_patch(sc.objects[i]) for i in question_objects(sc, q.question)}
                 cptr.append((r, start + len(qi) - 1, np.array([0] + [img0 + c for c in sorted(centres) if keep[c]]), 0))
@@ -243,7 +252,7 @@ def make_batch(seeds:list, # one scene seed per sequence
         col = lambda j: torch.tensor([p[j] for p in items], dtype=torch.long)
         return col(0), col(1), targets, col(3)
     out.update(input_ids=input_ids, position_ids=position_ids, attention_mask=mask[:, None], labels=labels,
-               families=families, pointers=dict(objects=pack(ptr), words=pack(wptr), gather=pack(gptr), count=pack(cptr)),
+               families=families, pointers=dict(objects=pack(ptr), words=pack(wptr), gather=pack(gptr), count=pack(cptr), relation=pack(rptr)),
                pairs=(torch.tensor([p[0] for p in pairs], dtype=torch.long), torch.tensor([p[1] for p in pairs], dtype=torch.long),
                       torch.tensor([p[2] for p in pairs], dtype=torch.long).reshape(-1, 2)),
                visual_kept=torch.from_numpy(np.stack(kept)))
@@ -348,7 +357,26 @@ def _cosine(opt, steps, warmup=0, flat=0.0):
         return w * (1.0 if s < start else 0.5 * (1 + math.cos(math.pi * min(1.0, (s - start) / max(1.0, steps - start)))))
     return torch.optim.lr_scheduler.LambdaLR(opt, f)
 
-_RUN_ARGS = ("init", "out", "checkpoint_every", "device", "log_every", "progress")   # `train` arguments that are not the recipe
+_RUN_ARGS = ("init", "out", "checkpoint_every", "device", "workers", "log_every", "progress")   # `train` arguments that are not the recipe
+
+def _draw(rng, n): return [split_seed("train", int(x)) for x in rng.integers(0, 10**8, n)]
+def _vision_batch(i, rng, proc, n): return _scene_batch(_draw(rng, n), proc, rng)[1]
+def _question_batch(i, rng, proc, n, easy_steps, easy_objects, **kw):
+    return make_batch(_draw(rng, n), proc, rng, max_objects=easy_objects if i < easy_steps else None, **kw)
+def _as_is(x): return x
+def _one_thread(_): torch.set_num_threads(1)
+
+class _Steps(torch.utils.data.Dataset):
+    "Step `i` of a phase is one batch drawn from a generator seeded by `(seed, phase, i)`: the same data whatever the number of loader workers."
+    def __init__(self, make, n:int, seed:int, phase:int): self.make, self.n, self.seed, self.phase = make, n, seed, phase
+    def __len__(self): return self.n
+    def __getitem__(self, i): return self.make(i, np.random.default_rng([self.seed, self.phase, i]))
+
+def _loader(make, n, seed, phase, workers):
+    "Batches of one phase in step order, rendered by `workers` processes (0: in this one)."
+    return torch.utils.data.DataLoader(_Steps(make, n, seed, phase), batch_size=None, shuffle=False, num_workers=workers,
+                                       collate_fn=_as_is, prefetch_factor=4 if workers else None,
+                                       worker_init_fn=_one_thread if workers else None)
 
 def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the auxiliary objectives
           steps:int=800, # phase 2: steps of the whole model on packed question blocks
@@ -364,16 +392,21 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
           prune:float=0.0, keep_range:tuple=(0.1, 0.5), # phase 2: sequences that see a random subset of their visual tokens
           split_pairs:bool=False, # phase 2: two-object questions point half of the pointer layer's heads at each object
           split_gather:bool=False, # phase 2, with `split_pairs`: at the gather layer too, each half of the heads gathers one object's words
+          route_by_relation:bool=False, # phase 2, with `split_pairs`: a spatial question's first head group takes the object that is right of / below the other for a yes
           count_layer:int=3, count_weight:float=0.0, # phase 2: a counting question's query spreads its attention over the first token and each counted object's centre patch (0: off)
+          relation_layer:int=0, relation_weight:float=0.0, # phase 2: a spatial question's query attends to its relation word (0: off)
           position_aux:bool=False, # both phases: an auxiliary loss that reads each projected token's row and column
           compare_weight:float=0.0, # phase 2: weight of a loss that reads, right after the pointer layer, which of a question's two objects is further right and further down (0: off)
           init:str|None=None, # start from this saved testbed instead of fresh weights (phase 1 then runs only if asked)
           seed:int=0, # seeds the weights, the data order and the scenes
           out:str|None=None, # directory to save the trained model to (and checkpoints while training)
-          checkpoint_every:int=100, device:str="cpu", log_every:int=25, progress:bool=True):
+          checkpoint_every:int=100, device:str="cpu",
+          workers:int=0, # processes that render the batches while the model trains (the data does not depend on it)
+          log_every:int=25, progress:bool=True):
     "Train the testbed from scratch on freshly rendered training scenes; returns `(model, processor, info)`."
     recipe = {k: list(v) if isinstance(v, tuple) else v for k, v in locals().items() if k not in _RUN_ARGS}
     if split_gather and not split_pairs: raise ValueError("split_gather needs split_pairs=True (found out now, not after phase 1)")
+    if route_by_relation and not split_pairs: raise ValueError("route_by_relation needs split_pairs=True (found out now, not after phase 1)")
     from tqdm.auto import tqdm
     torch.manual_seed(seed)
     if init:
@@ -386,9 +419,7 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
     model.to(device).train()
     aux = AuxHeads(model.config.vision_config.hidden_size, model.config.text_config.hidden_size).to(device)
     tok = proc.tokenizer
-    rng = np.random.default_rng(seed)
     log, t0 = [], time.perf_counter()
-    draw = lambda n: [split_seed("train", int(x)) for x in rng.integers(0, 10**8, n)]
     move = lambda v: v.to(device) if torch.is_tensor(v) else tuple(map(move, v)) if isinstance(v, tuple) else \
         {k: move(x) for k, x in v.items()} if isinstance(v, dict) else v
     to = lambda b: {k: move(v) for k, v in b.items()}
@@ -397,8 +428,8 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
                + [model.model.language_model.embed_tokens.weight] + list(aux.parameters()))
     opt = torch.optim.AdamW(vparams, lr=vision_lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = _cosine(opt, vision_steps, flat=0.8)
-    for step in tqdm(range(vision_steps), disable=not progress, desc="phase 1: vision tower"):
-        _, b = _scene_batch(draw(vision_batch), proc, rng)
+    batches = _loader(partial(_vision_batch, proc=proc, n=vision_batch), vision_steps, seed, 1, workers)
+    for step, b in enumerate(tqdm(batches, total=vision_steps, disable=not progress, desc="phase 1: vision tower")):
         _, L = _aux_losses(model, aux, to(b), tok, where=position_aux)
         loss = L["shape"] + L["pool"] if step < shape_first * vision_steps else sum(L.values())
         opt.zero_grad(set_to_none=True); loss.backward()
@@ -410,12 +441,14 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = _cosine(opt, steps, warmup)
     plan = [("objects", pointer_layer, pointer_weight), ("words", word_layer, word_weight), ("gather", gather_layer, gather_weight),
-            ("count", count_layer, count_weight)]
-    bar = tqdm(range(steps), disable=not progress, desc="phase 2: full model")
+            ("count", count_layer, count_weight), ("relation", relation_layer, relation_weight)]
+    make = partial(_question_batch, proc=proc, n=batch_size, easy_steps=easy_fraction * steps, easy_objects=easy_objects,
+                   max_questions=max_questions, prune=prune, keep_range=keep_range, split_pairs=split_pairs, split_gather=split_gather,
+                   route_by_relation=route_by_relation)
+    bar = tqdm(_loader(make, steps, seed, 2, workers), total=steps, disable=not progress, desc="phase 2: full model")
     right = {}
-    for step in bar:
-        easy = step < easy_fraction * steps
-        b = to(make_batch(draw(batch_size), proc, rng, max_questions, easy_objects if easy else None, prune, keep_range, split_pairs, split_gather))
+    for step, b in enumerate(bar):
+        b = to(b)
         tokens, L = _aux_losses(model, aux, b, tok, vision_grad=False, where=position_aux)
         L.pop("present")                                        # a loss of the frozen tower alone
         answer, ptr, ok = _lm_losses(model, tokens, b, {k: l for k, l, w in plan if w},
@@ -435,7 +468,8 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
         if out and checkpoint_every and (step + 1) % checkpoint_every == 0: save(model, proc, out, dict(log=log, step=step + 1))
     model.model.vision_tower.requires_grad_(True)
     model.eval()
-    info = dict(recipe, seconds=stamp(), device=str(device), torch=torch.__version__, threads=torch.get_num_threads(), log=log)
+    info = dict(recipe, seconds=stamp(), device=str(device), torch=torch.__version__, threads=torch.get_num_threads(), workers=workers,
+                **(dict(gpu=torch.cuda.get_device_name(device)) if torch.device(device).type == "cuda" else {}), log=log)
     if init: info["init"] = parent
     if out: save(model, proc, out, info)
     return model, proc, info
