@@ -209,7 +209,7 @@ def make_batch(seeds:list, # one scene seed per sequence
             ids += qi + a + [tok.eos_token_id]; pos += list(range(P - drop, P - drop + n)); blk += [j + 1] * n
             lab += [-100] * len(qi) + a + [tok.eos_token_id]; fam += [None] * len(qi) + [q.family, None]
             refs = [] if q.family == "count" else question_objects(sc, q.question)
-            flip = route_by_relation and q.family == "spatial" and len(refs) == 2 and any(f" {r} the " in q.question for r in ("left of", "above"))
+            flip = route_by_relation and q.family == "spatial" and len(refs) == 2 and any(f" {w} the " in q.question for w in ("left of", "above"))
             if flip: refs = refs[::-1]                           # "A left of B" is asked as "B right of A"
             groups = [(refs, 0)]                                 # head group: 0 all, 1 first half, 2 second half
             if split_pairs and q.family in ("spatial", "two_object") and len(refs) == 2: groups = [(refs[:1], 1), (refs[1:], 2)]
