@@ -180,7 +180,7 @@ def make_batch(seeds:list, # one scene seed per sequence
                route_by_relation:bool=False, # with `split_pairs`, a spatial question's first head group takes the object that is right of / below the other when the answer is yes
               ) -> dict:
     "Packed question blocks over one image per sequence: ids, positions, block mask, labels, pointers, pairs, pixels, targets."
-    from todre.scenes import question_objects, relation_holds
+    from todre.scenes import question_objects, relation_holds, RELATIONS
     if split_gather and not split_pairs: raise ValueError("split_gather splits the gather pointer the way split_pairs splits the objects pointer: pass split_pairs=True too")
     if route_by_relation and not split_pairs: raise ValueError("route_by_relation orders the head groups of split_pairs: pass split_pairs=True too")
     tok = processor.tokenizer
@@ -191,7 +191,7 @@ def make_batch(seeds:list, # one scene seed per sequence
     tail = PROMPT.split("<image>")[1]
     words = _attribute_words(tok)
     rows, ptr, wptr, gptr, cptr, rptr, kept, pairs = [], [], [], [], [], [], [], []
-    relation_ids = set(tok.convert_tokens_to_ids(["left", "right", "above", "below"]))
+    relation_ids = {tok.convert_tokens_to_ids(rel.split()[0]): rel for rel in RELATIONS}   # id of "left" -> "left of"
     for r, (sc, own) in enumerate(zip(scenes, out["owner"].numpy())):
         qs = scene_questions(sc, int(rng.integers(1 << 30)))
         qs = [qs[i] for i in rng.permutation(len(qs))[:max_questions]]
@@ -209,7 +209,8 @@ def make_batch(seeds:list, # one scene seed per sequence
             ids += qi + a + [tok.eos_token_id]; pos += list(range(P - drop, P - drop + n)); blk += [j + 1] * n
             lab += [-100] * len(qi) + a + [tok.eos_token_id]; fam += [None] * len(qi) + [q.family, None]
             refs = [] if q.family == "count" else question_objects(sc, q.question)
-            flip = route_by_relation and q.family == "spatial" and len(refs) == 2 and any(f" {w} the " in q.question for w in ("left of", "above"))
+            rel = next((relation_ids[t] for t in qi if t in relation_ids), None) if q.family == "spatial" else None
+            flip = route_by_relation and rel is not None and len(refs) == 2 and RELATIONS[rel][1] < 0
             if flip: refs = refs[::-1]                           # "A left of B" is asked as "B right of A"
             groups = [(refs, 0)]                                 # head group: 0 all, 1 first half, 2 second half
             if split_pairs and q.family in ("spatial", "two_object") and len(refs) == 2: groups = [(refs[:1], 1), (refs[1:], 2)]
@@ -230,7 +231,7 @@ def make_batch(seeds:list, # one scene seed per sequence
                 first, second = (content[h:], content[:h]) if flip else (content[:h], content[h:])
                 gptr += [(r, start + len(qi) - 1, np.array(first), 1), (r, start + len(qi) - 1, np.array(second), 2)]
             elif content: gptr.append((r, start + len(qi) - 1, np.array(content), 0))
-            if q.family == "spatial":                            # the relation word of the question
+            if rel is not None:                                  # the relation word of the question
                 rptr.append((r, start + len(qi) - 1, np.array([start + i for i, t in enumerate(qi) if t in relation_ids]), 0))
             if q.family == "count":                              # the first token and the centre patch of each counted object
                 centres = {_centre_patch(sc.objects[i]) for i in question_objects(sc, q.question)}
