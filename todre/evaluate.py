@@ -374,7 +374,22 @@ def _options(r:dict) -> str:
             + (f"; a loss (weight {r['compare_weight']}) reads, right after layer {r['pointer_layer']}, which of a question's two objects is further right and further down"
                if r.get("compare_weight") else "")
             + (f"; at layer {r['count_layer']} a counting question's query spreads its attention evenly over the first token and each counted object's centre patch (weight {r['count_weight']})"
-               if r.get("count_weight") else ""))
+               if r.get("count_weight") else "")
+            + ("; a spatial question's two head groups take its objects in the order its relation word implies, so that a yes always means the first is right of or below the second"
+               if r.get("route_by_relation") else "")
+            + (f"; at layer {r['relation_layer']} a spatial question's query attends to its relation word (weight {r['relation_weight']})"
+               if r.get("relation_weight") else ""))
+
+def _stopped(r:dict) -> str:
+    "A sentence for a run that a time limit stopped at a checkpoint (its training information has a step count but no total time)."
+    return (f" That call was stopped by a time limit after {r['step']} of its {r['steps']} phase-2 steps, before its learning rate had decayed;"
+            " the next call started from that checkpoint." if "seconds" not in r and "step" in r else "")
+
+def _where(r:dict) -> str:
+    "How long one run took and on what."
+    minutes = r.get("seconds", r.get("elapsed", float("nan"))) / 60
+    on = r["gpu"] if r.get("gpu") else f"{r['device']} with {r.get('threads', '?')} threads"
+    return f"{minutes:.1f} min on {on} (torch {r.get('torch', '?')})"
 
 def _then(r:dict) -> str:
     "The sentence for a run that started from the previous one."
@@ -395,10 +410,10 @@ def model_card(info:dict, # training information saved by `todre.testbed.train`
     p = report["pope"]
     runs = _runs(info)
     first = runs[0]
-    more = _options(first) + "." + "".join(_then(r) for r in runs[1:])
+    more = _options(first) + "." + _stopped(first) + "".join(_then(r) + _stopped(r) for r in runs[1:])
     recipe = "; then ".join(f"`{_recipe(r, _run_name(i) if i < len(runs) - 1 else None, _run_name(i - 1) if i else None)}`"
                             for i, r in enumerate(runs))
-    time_ = " + ".join(f"{r['seconds'] / 60:.1f}" for r in runs) + f" min on {info['device']} with {info.get('threads', '?')} threads (torch {info['torch']})"
+    time_ = "; then ".join(_where(r) for r in runs)
     pruned = any(r.get("prune") for r in runs)
     limit = ("- Its pruned training sequences were random subsets of the grid: it has learnt that the image may arrive incomplete, not which tokens any selector keeps."
              if pruned else "- Trained only on full 24×24 grids at their original positions: it has never seen a pruned sequence, which matters for every pruning result obtained with it.")

@@ -4,10 +4,11 @@
 
 # %% ../nbs/10_testbed.ipynb #20a3df79
 from __future__ import annotations
-import json, math, os, time, warnings
+import contextlib, json, math, os, time, warnings
 from functools import partial
 from pathlib import Path
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel, SDPBackend
 from .scenes import (render_scene, scene_questions, question_vocabulary, split_seed, SHAPES, COLOURS, PLURALS, GRID, PATCH,
                           IMAGE_SIZE, normalize_answer)
 
@@ -403,77 +404,86 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
           out:str|None=None, # directory to save the trained model to (and checkpoints while training)
           checkpoint_every:int=100, device:str="cpu",
           workers:int=0, # processes that render the batches while the model trains (the data does not depend on it)
+          deterministic:bool=False, # deterministic kernels only: a rerun with the same seed on the same machine repeats the run (slower on a GPU)
           log_every:int=25, progress:bool=True):
     "Train the testbed from scratch on freshly rendered training scenes; returns `(model, processor, info)`."
     recipe = {k: list(v) if isinstance(v, tuple) else v for k, v in locals().items() if k not in _RUN_ARGS}
     if split_gather and not split_pairs: raise ValueError("split_gather needs split_pairs=True (found out now, not after phase 1)")
     if route_by_relation and not split_pairs: raise ValueError("route_by_relation needs split_pairs=True (found out now, not after phase 1)")
-    from tqdm.auto import tqdm
-    torch.manual_seed(seed)
-    if init:
-        model, proc = load(init)
-        parent = json.loads((Path(init) / "training.json").read_text())
-        parent = dict(path=str(init), **{k: v for k, v in parent.items() if k != "log"})
-    else:
-        model, proc = build_testbed(seed)
-        init_vision(model.model.vision_tower, seed)
-    model.to(device).train()
-    aux = AuxHeads(model.config.vision_config.hidden_size, model.config.text_config.hidden_size).to(device)
-    tok = proc.tokenizer
-    log, t0 = [], time.perf_counter()
-    move = lambda v: v.to(device) if torch.is_tensor(v) else tuple(map(move, v)) if isinstance(v, tuple) else \
-        {k: move(x) for k, x in v.items()} if isinstance(v, dict) else v
-    to = lambda b: {k: move(v) for k, v in b.items()}
-    stamp = lambda: round(time.perf_counter() - t0, 1)
-    vparams = (list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
-               + [model.model.language_model.embed_tokens.weight] + list(aux.parameters()))
-    opt = torch.optim.AdamW(vparams, lr=vision_lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = _cosine(opt, vision_steps, flat=0.8)
-    batches = _loader(partial(_vision_batch, proc=proc, n=vision_batch), vision_steps, seed, 1, workers)
-    for step, b in enumerate(tqdm(batches, total=vision_steps, disable=not progress, desc="phase 1: vision tower")):
-        _, L = _aux_losses(model, aux, to(b), tok, where=position_aux)
-        loss = L["shape"] + L["pool"] if step < shape_first * vision_steps else sum(L.values())
-        opt.zero_grad(set_to_none=True); loss.backward()
-        torch.nn.utils.clip_grad_norm_(vparams, 5.0); opt.step(); sched.step()
-        if step % log_every == 0 or step == vision_steps - 1:
-            log.append(dict(phase=1, step=step, seconds=stamp(), **{k: round(v.item(), 4) for k, v in L.items()}))
-    model.model.vision_tower.requires_grad_(False)              # phase 2 keeps the tower phase 1 trained
-    params = [p for p in model.parameters() if p.requires_grad] + list(aux.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = _cosine(opt, steps, warmup)
-    plan = [("objects", pointer_layer, pointer_weight), ("words", word_layer, word_weight), ("gather", gather_layer, gather_weight),
-            ("count", count_layer, count_weight), ("relation", relation_layer, relation_weight)]
-    make = partial(_question_batch, proc=proc, n=batch_size, easy_steps=easy_fraction * steps, easy_objects=easy_objects,
-                   max_questions=max_questions, prune=prune, keep_range=keep_range, split_pairs=split_pairs, split_gather=split_gather,
-                   route_by_relation=route_by_relation)
-    bar = tqdm(_loader(make, steps, seed, 2, workers), total=steps, disable=not progress, desc="phase 2: full model")
-    right = {}
-    for step, b in enumerate(bar):
-        b = to(b)
-        tokens, L = _aux_losses(model, aux, b, tok, vision_grad=False, where=position_aux)
-        L.pop("present")                                        # a loss of the frozen tower alone
-        answer, ptr, ok = _lm_losses(model, tokens, b, {k: l for k, l, w in plan if w},
-                                     (aux.compare, pointer_layer) if compare_weight else None)
-        cmp = ptr.pop("compare", None)
-        loss = answer + sum(w * ptr[k] for k, _, w in plan if w) + aux_weight * sum(L.values()) + (compare_weight * cmp if cmp is not None else 0)
-        opt.zero_grad(set_to_none=True); loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); sched.step()
-        for f, v in ok.items(): right.setdefault(f, []).extend(v)
-        if step % log_every == 0 or step == steps - 1:
-            acc = {f"train_acc_{f}": round(float(np.mean(v)), 3) for f, v in sorted(right.items())}
-            log.append(dict(phase=2, step=step, seconds=stamp(), answer=round(answer.item(), 4),
-                            **{("pointer" if k == "objects" else f"pointer_{k}"): round(v.item(), 4) for k, v in ptr.items()},
-                            **{k: round(v.item(), 4) for k, v in L.items()}, **({} if cmp is None else dict(compare=round(cmp.item(), 4))), **acc))
-            bar.set_postfix(answer=f"{answer.item():.3f}", acc=f"{np.mean([x for v in right.values() for x in v]):.2f}")
-            right = {}
-        if out and checkpoint_every and (step + 1) % checkpoint_every == 0: save(model, proc, out, dict(log=log, step=step + 1))
-    model.model.vision_tower.requires_grad_(True)
-    model.eval()
-    info = dict(recipe, seconds=stamp(), device=str(device), torch=torch.__version__, threads=torch.get_num_threads(), workers=workers,
-                **(dict(gpu=torch.cuda.get_device_name(device)) if torch.device(device).type == "cuda" else {}), log=log)
-    if init: info["init"] = parent
-    if out: save(model, proc, out, info)
-    return model, proc, info
+    before, kernels = torch.are_deterministic_algorithms_enabled(), contextlib.ExitStack()
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # what cuBLAS needs to repeat its sums exactly
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        kernels.enter_context(sdpa_kernel(SDPBackend.MATH))   # the fused attention kernels' backward adds in a varying order
+    try:
+        from tqdm.auto import tqdm
+        torch.manual_seed(seed)
+        if init:
+            model, proc = load(init)
+            parent = json.loads((Path(init) / "training.json").read_text())
+            parent = dict(path=str(init), **{k: v for k, v in parent.items() if k != "log"})
+        else:
+            model, proc = build_testbed(seed)
+            init_vision(model.model.vision_tower, seed)
+        model.to(device).train()
+        aux = AuxHeads(model.config.vision_config.hidden_size, model.config.text_config.hidden_size).to(device)
+        tok = proc.tokenizer
+        log, t0 = [], time.perf_counter()
+        move = lambda v: v.to(device) if torch.is_tensor(v) else tuple(map(move, v)) if isinstance(v, tuple) else \
+            {k: move(x) for k, x in v.items()} if isinstance(v, dict) else v
+        to = lambda b: {k: move(v) for k, v in b.items()}
+        stamp = lambda: round(time.perf_counter() - t0, 1)
+        vparams = (list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
+                   + [model.model.language_model.embed_tokens.weight] + list(aux.parameters()))
+        opt = torch.optim.AdamW(vparams, lr=vision_lr, weight_decay=0.01, betas=(0.9, 0.98))
+        sched = _cosine(opt, vision_steps, flat=0.8)
+        batches = _loader(partial(_vision_batch, proc=proc, n=vision_batch), vision_steps, seed, 1, workers)
+        for step, b in enumerate(tqdm(batches, total=vision_steps, disable=not progress, desc="phase 1: vision tower")):
+            _, L = _aux_losses(model, aux, to(b), tok, where=position_aux)
+            loss = L["shape"] + L["pool"] if step < shape_first * vision_steps else sum(L.values())
+            opt.zero_grad(set_to_none=True); loss.backward()
+            torch.nn.utils.clip_grad_norm_(vparams, 5.0); opt.step(); sched.step()
+            if step % log_every == 0 or step == vision_steps - 1:
+                log.append(dict(phase=1, step=step, seconds=stamp(), **{k: round(v.item(), 4) for k, v in L.items()}))
+        model.model.vision_tower.requires_grad_(False)              # phase 2 keeps the tower phase 1 trained
+        params = [p for p in model.parameters() if p.requires_grad] + list(aux.parameters())
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+        sched = _cosine(opt, steps, warmup)
+        plan = [("objects", pointer_layer, pointer_weight), ("words", word_layer, word_weight), ("gather", gather_layer, gather_weight),
+                ("count", count_layer, count_weight), ("relation", relation_layer, relation_weight)]
+        make = partial(_question_batch, proc=proc, n=batch_size, easy_steps=easy_fraction * steps, easy_objects=easy_objects,
+                       max_questions=max_questions, prune=prune, keep_range=keep_range, split_pairs=split_pairs, split_gather=split_gather,
+                       route_by_relation=route_by_relation)
+        bar = tqdm(_loader(make, steps, seed, 2, workers), total=steps, disable=not progress, desc="phase 2: full model")
+        right = {}
+        for step, b in enumerate(bar):
+            b = to(b)
+            tokens, L = _aux_losses(model, aux, b, tok, vision_grad=False, where=position_aux)
+            L.pop("present")                                        # a loss of the frozen tower alone
+            answer, ptr, ok = _lm_losses(model, tokens, b, {k: l for k, l, w in plan if w},
+                                         (aux.compare, pointer_layer) if compare_weight else None)
+            cmp = ptr.pop("compare", None)
+            loss = answer + sum(w * ptr[k] for k, _, w in plan if w) + aux_weight * sum(L.values()) + (compare_weight * cmp if cmp is not None else 0)
+            opt.zero_grad(set_to_none=True); loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); sched.step()
+            for f, v in ok.items(): right.setdefault(f, []).extend(v)
+            if step % log_every == 0 or step == steps - 1:
+                acc = {f"train_acc_{f}": round(float(np.mean(v)), 3) for f, v in sorted(right.items())}
+                log.append(dict(phase=2, step=step, seconds=stamp(), answer=round(answer.item(), 4),
+                                **{("pointer" if k == "objects" else f"pointer_{k}"): round(v.item(), 4) for k, v in ptr.items()},
+                                **{k: round(v.item(), 4) for k, v in L.items()}, **({} if cmp is None else dict(compare=round(cmp.item(), 4))), **acc))
+                bar.set_postfix(answer=f"{answer.item():.3f}", acc=f"{np.mean([x for v in right.values() for x in v]):.2f}")
+                right = {}
+            if out and checkpoint_every and (step + 1) % checkpoint_every == 0:   # the recipe and the phase-2 steps done so far
+                save(model, proc, out, dict(recipe, step=step + 1, elapsed=stamp(), device=str(device), log=log, **(dict(init=parent) if init else {})))
+        model.model.vision_tower.requires_grad_(True)
+        model.eval()
+        info = dict(recipe, seconds=stamp(), device=str(device), torch=torch.__version__, threads=torch.get_num_threads(), workers=workers,
+                    **(dict(gpu=torch.cuda.get_device_name(device)) if torch.device(device).type == "cuda" else {}), log=log)
+        if init: info["init"] = parent
+        if out: save(model, proc, out, info)
+        return model, proc, info
+    finally: kernels.close(); torch.use_deterministic_algorithms(before)
 
 def save(model, processor, path:str, info:dict|None=None):
     "Save model (safetensors), processor and training information to `path`."
