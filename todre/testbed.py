@@ -404,7 +404,7 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
           out:str|None=None, # directory to save the trained model to (and checkpoints while training)
           checkpoint_every:int=100, device:str="cpu",
           workers:int=0, # processes that render the batches while the model trains (the data does not depend on it)
-          deterministic:bool=False, # deterministic kernels only: a rerun with the same seed on the same machine repeats the run (slower on a GPU)
+          deterministic:bool=False, # deterministic kernels (PyTorch warns where it has none) and math attention: a same-seed rerun on the same machine repeats the run; slower on a GPU
           log_every:int=25, progress:bool=True):
     "Train the testbed from scratch on freshly rendered training scenes; returns `(model, processor, info)`."
     recipe = {k: list(v) if isinstance(v, tuple) else v for k, v in locals().items() if k not in _RUN_ARGS}
