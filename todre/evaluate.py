@@ -388,7 +388,8 @@ def _stopped(r:dict) -> str:
 def _where(r:dict) -> str:
     "How long one run took and on what."
     minutes = r.get("seconds", r.get("elapsed", float("nan"))) / 60
-    on = r["gpu"] if r.get("gpu") else f"{r['device']} with {r.get('threads', '?')} threads"
+    n = r.get("threads", "?")
+    on = r["gpu"] if r.get("gpu") else f"{r['device']} with {n} thread{'' if n == 1 else 's'}"
     return f"{minutes:.1f} min on {on} (torch {r.get('torch', '?')})"
 
 def _then(r:dict) -> str:
