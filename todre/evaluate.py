@@ -373,6 +373,8 @@ def _options(r:dict) -> str:
             + ("; an auxiliary loss reads each projected token's row and column, as coordinates" if r.get("position_aux") else "")
             + (f"; a loss (weight {r['compare_weight']}) reads, right after layer {r['pointer_layer']}, which of a question's two objects is further right and further down"
                if r.get("compare_weight") else "")
+            + (f"; a loss (weight {r['same_weight']}) reads, right after layer {r['pointer_layer']}, whether a question's two objects share their colour and their shape"
+               if r.get("same_weight") else "")
             + (f"; at layer {r['count_layer']} a counting question's query spreads its attention evenly over the first token and each counted object's centre patch (weight {r['count_weight']})"
                if r.get("count_weight") else "")
             + ("; a spatial question's two head groups take its objects in the order its relation word implies, so that a yes always means the first is right of or below the second"

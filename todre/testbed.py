@@ -218,10 +218,11 @@ def make_batch(seeds:list, # one scene seed per sequence
             for objs, g in groups:
                 tgt = img0 + np.flatnonzero(np.isin(own, objs) & keep) if objs else []
                 if len(tgt): ptr.append((r, start + len(qi) - 1, tgt, g))
-            if len(refs) == 2:                                   # is the first object right of / below the second?
+            if len(refs) == 2:                                   # is the first object right of / below the second? same colour / shape?
                 a_, b_ = (sc.objects[i] for i in refs)
                 side = [relation_holds(a_, rel, b_) for rel in ("right of", "below")]
-                pairs.append((r, start + len(qi) - 1, [-100 if s is None else int(s) for s in side]))
+                pairs.append((r, start + len(qi) - 1, [-100 if s is None else int(s) for s in side]
+                              + [int(a_.colour == b_.colour), int(a_.shape == b_.shape)]))
             content = [start + i for i, t in enumerate(qi) if t in words]   # colour and shape words of the question
             for i in content:
                 kind, v = words[ids[i]]
@@ -256,7 +257,7 @@ def make_batch(seeds:list, # one scene seed per sequence
     out.update(input_ids=input_ids, position_ids=position_ids, attention_mask=mask[:, None], labels=labels,
                families=families, pointers=dict(objects=pack(ptr), words=pack(wptr), gather=pack(gptr), count=pack(cptr), relation=pack(rptr)),
                pairs=(torch.tensor([p[0] for p in pairs], dtype=torch.long), torch.tensor([p[1] for p in pairs], dtype=torch.long),
-                      torch.tensor([p[2] for p in pairs], dtype=torch.long).reshape(-1, 2)),
+                      torch.tensor([p[2] for p in pairs], dtype=torch.long).reshape(-1, 4)),
                visual_kept=torch.from_numpy(np.stack(kept)))
     return out
 
@@ -274,6 +275,7 @@ class AuxHeads(nn.Module):
         self.colour, self.shape, self.centre = nn.Linear(text_hidden, len(COLOURS) + 1), nn.Linear(text_hidden, len(SHAPES) + 1), nn.Linear(text_hidden, 2)
         self.where = nn.Linear(text_hidden, 2)               # row and column of each patch token, as coordinates in [-1, 1]
         self.compare = nn.Linear(text_hidden, 2)             # is a question's first object right of / below its second?
+        self.same = nn.Linear(text_hidden, 2)                # do its two objects share their colour / their shape?
 
 def _word_ids(tok, words): return torch.tensor([tok.convert_tokens_to_ids(w) for w in words])
 
@@ -299,8 +301,8 @@ def _aux_losses(model, aux, b, tok, vision_grad:bool=True, where:bool=False):
         L["where"] = 1.5 * (err.mean() + (err[obj].mean() if obj.any() else 0))   # objects' tokens count apart: about 1 when predicting 0
     return tokens, L
 
-def _lm_losses(model, tokens, b, layers:dict, compare:tuple|None=None):
-    "Answer loss, one pointer loss per entry of `layers` (pointer name -> decoder layer), per-family correctness; with `compare=(head, layer)` also the pair-comparison loss."
+def _lm_losses(model, tokens, b, layers:dict, compare:tuple|None=None, same:tuple|None=None):
+    "Answer loss, one pointer loss per entry of `layers` (pointer name -> decoder layer), per-family correctness; with `compare=(head, layer)` also the pair-comparison loss, with `same=(head, layer)` the pair-sameness loss."
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
     lm = model.model.language_model
     cap, hooks = {}, []
@@ -310,7 +312,7 @@ def _lm_losses(model, tokens, b, layers:dict, compare:tuple|None=None):
                   attn.k_proj.register_forward_hook(lambda m, a, o, l=l: cap.__setitem__(("k", l), o))]
     try:
         emb = _embed(model, b["input_ids"], tokens)
-        o = lm(inputs_embeds=emb, attention_mask=b["attention_mask"], position_ids=b["position_ids"], output_hidden_states=compare is not None)
+        o = lm(inputs_embeds=emb, attention_mask=b["attention_mask"], position_ids=b["position_ids"], output_hidden_states=compare is not None or same is not None)
         h = o.last_hidden_state
     finally:
         for x in hooks: x.remove()
@@ -344,11 +346,12 @@ def _lm_losses(model, tokens, b, layers:dict, compare:tuple|None=None):
         else:
             mass = ((logp.exp() * targets[:, None]).sum(-1) * heads).sum(1) / heads.sum(1)
             pointers[name] = -torch.log(mass + 1e-6).mean()
-    if compare is not None:                                     # read off the residual stream right after `layer`
-        head, layer = compare; r, qp, side = b["pairs"]
+    for name, read, cols in (("compare", compare, slice(0, 2)), ("same", same, slice(2, 4))):
+        if read is None: continue                               # read off the residual stream right after `layer`
+        head, layer = read; r, qp, side = b["pairs"]; side = side[:, cols]
         ok = side >= 0
-        pointers["compare"] = (F.binary_cross_entropy_with_logits(head(o.hidden_states[layer + 1][r, qp])[ok], side[ok].float())
-                               if ok.any() else answer * 0)
+        pointers[name] = (F.binary_cross_entropy_with_logits(head(o.hidden_states[layer + 1][r, qp])[ok], side[ok].float())
+                          if ok.any() else answer * 0)
     return answer, pointers, right
 
 def _cosine(opt, steps, warmup=0, flat=0.0):
@@ -399,6 +402,7 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
           relation_layer:int=0, relation_weight:float=0.0, # phase 2: a spatial question's query attends to its relation word (0: off)
           position_aux:bool=False, # both phases: an auxiliary loss that reads each projected token's row and column
           compare_weight:float=0.0, # phase 2: weight of a loss that reads, right after the pointer layer, which of a question's two objects is further right and further down (0: off)
+          same_weight:float=0.0, # phase 2: weight of a loss that reads, right after the pointer layer, whether a question's two objects share their colour and their shape (0: off)
           init:str|None=None, # start from this saved testbed instead of fresh weights (phase 1 then runs only if asked)
           seed:int=0, # seeds the weights, the data order and the scenes
           out:str|None=None, # directory to save the trained model to (and checkpoints while training)
@@ -461,9 +465,10 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
             tokens, L = _aux_losses(model, aux, b, tok, vision_grad=False, where=position_aux)
             L.pop("present")                                        # a loss of the frozen tower alone
             answer, ptr, ok = _lm_losses(model, tokens, b, {k: l for k, l, w in plan if w},
-                                         (aux.compare, pointer_layer) if compare_weight else None)
-            cmp = ptr.pop("compare", None)
-            loss = answer + sum(w * ptr[k] for k, _, w in plan if w) + aux_weight * sum(L.values()) + (compare_weight * cmp if cmp is not None else 0)
+                                         (aux.compare, pointer_layer) if compare_weight else None, (aux.same, pointer_layer) if same_weight else None)
+            cmp, same = ptr.pop("compare", None), ptr.pop("same", None)
+            loss = (answer + sum(w * ptr[k] for k, _, w in plan if w) + aux_weight * sum(L.values())
+                    + (compare_weight * cmp if cmp is not None else 0) + (same_weight * same if same is not None else 0))
             opt.zero_grad(set_to_none=True); loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); sched.step()
             for f, v in ok.items(): right.setdefault(f, []).extend(v)
@@ -471,7 +476,8 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
                 acc = {f"train_acc_{f}": round(float(np.mean(v)), 3) for f, v in sorted(right.items())}
                 log.append(dict(phase=2, step=step, seconds=stamp(), answer=round(answer.item(), 4),
                                 **{("pointer" if k == "objects" else f"pointer_{k}"): round(v.item(), 4) for k, v in ptr.items()},
-                                **{k: round(v.item(), 4) for k, v in L.items()}, **({} if cmp is None else dict(compare=round(cmp.item(), 4))), **acc))
+                                **{k: round(v.item(), 4) for k, v in L.items()}, **({} if cmp is None else dict(compare=round(cmp.item(), 4))),
+                                **({} if same is None else dict(same=round(same.item(), 4))), **acc))
                 bar.set_postfix(answer=f"{answer.item():.3f}", acc=f"{np.mean([x for v in right.values() for x in v]):.2f}")
                 right = {}
             if out and checkpoint_every and (step + 1) % checkpoint_every == 0:   # the recipe and the phase-2 steps done so far
