@@ -362,7 +362,10 @@ def _runs(info:dict) -> list:
     while info is not None: runs.insert(0, info); info = info.get("init")
     return runs
 
-def _run_name(i:int) -> str: return ("first", "second", "third", "fourth")[i] if i < 4 else f"run{i + 1}"
+def _run_name(i:int) -> str:
+    "The name under which the card's recipe saves call `i` (counted from 0) of a chain."
+    words = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
+    return words[i] if i < len(words) else f"run{i + 1}"
 
 def _options(r:dict) -> str:
     "The training options of one run (pruned sequences, split pointers, position, comparison and counting losses), as clauses of a sentence."
