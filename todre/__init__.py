@@ -10,7 +10,7 @@ __all__ = []
 _LAZY = {
     "ToDREConfig": "config", "visual_budget": "config", "default_check_layer": "config",
     "select_diverse": "diversity", "pick_pivot": "diversity", "select_tokens": "diversity", "SELECTORS": "diversity",
-    "get_adapter": "adapters", "ImageTokens": "adapters", "cls_attention": "adapters",
+    "get_adapter": "models.base", "ImageTokens": "models.base", "cls_attention": "models.base", "tiny_model": "models.base",
     "cross_modal_ratios": "decoder", "token_types": "decoder", "DecoderPruner": "decoder",
     "apply_todre": "core", "ToDREHandle": "core", "ToDREStats": "core", "select_visual": "core",
     "apply_fastv": "baselines",

@@ -111,7 +111,7 @@ def demo(cfg:ToDREConfig|None=None, # what ToDRE does (paper defaults when None)
         ) -> dict:
     "Run the unmodified model and ToDRE on one image; print and return what happened."
     from todre.core import apply_todre
-    from todre.adapters import get_adapter
+    from todre.models.base import get_adapter
     from todre.viz import panel_images, kept_token_grids, plot_kept_tokens
     file = file or sys.stdout
     say = lambda *x: print(*x, file=file)

@@ -281,7 +281,7 @@ def ablation_scores(model, processor,
                     prompt=None, progress:bool=True):
     "A table of settings × benchmarks (each benchmark's own score) with the mean score relative to \"unpruned\" (%)."
     import pandas as pd
-    from todre.adapters import get_adapter
+    from todre.models.base import get_adapter
     if callable(settings): settings = settings(get_adapter(model).n_layers)   # settings that name layers, for this model's depth
     out = {name: {b: benchmark_score(model, processor, b, rows, cfg, prompt=prompt, progress=progress)["score"] for b, rows in data.items()}
            for name, _, cfg in settings}

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import copy, functools, inspect, os
 import torch, torch.nn.functional as F
-from .adapters import get_adapter
+from .models.base import get_adapter
 from .diversity import MAX_FUSED_TOKENS, _triton
 
 # %% auto #0

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
-from .adapters import get_adapter
+from .models.base import get_adapter
 from .decoder import DecoderPruner, token_types, PAD, SYSTEM, VISUAL, TEXT
 from .core import Stage2Check, view_attention_rows
 
