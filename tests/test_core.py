@@ -174,8 +174,8 @@ def test_sampled_generation(llava_next, images):
 def test_errors(llava, llava_eager, images):
     model, proc = llava
     inputs = _inputs(proc, images[:1], PROMPTS[:1])
-    with pytest.raises(ValueError, match=r"retain must be a number in \(0, 1\]"): apply_todre(model, retain=1.5)
-    with pytest.raises(ValueError, match=r"retain must be a number in \(0, 1\]"): apply_todre(model, retain=0)
+    with pytest.raises(ValueError, match=r"retain must be in \(0, 1\]"): apply_todre(model, retain=1.5)
+    with pytest.raises(ValueError, match=r"retain must be in \(0, 1\]"): apply_todre(model, retain=0)
     with pytest.raises(ValueError, match="k must be a positive"): apply_todre(model, k=0)
     with pytest.raises(ValueError, match="check_layer=8 is out of range"): apply_todre(model, check_layer=8)
     with pytest.raises(TypeError, match="does not support"): apply_todre(torch.nn.Linear(2, 2))
