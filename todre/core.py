@@ -237,7 +237,8 @@ class ToDREHandle:
     def __repr__(self): return f"ToDREHandle({type(self.model).__name__}, {self.cfg})"
 
     # ---- stage 1: a shorter prompt ----------------------------------------------------------------------------
-    def prune_inputs(self, kw:dict # keyword inputs of forward/generate (input_ids, attention_mask, pixel_values, ...)
+    def prune_inputs(self, kw:dict, # keyword inputs of forward/generate (input_ids, attention_mask, pixel_values, ...)
+                     generate:bool=False, # the inputs are for `generate` (True) or a plain forward (False)
                     ) -> tuple[dict, ToDREStats]:
         "Stage 1: encode the images, select, and rebuild the inputs with only the kept visual tokens."
         ids = kw.get("input_ids")
@@ -270,7 +271,7 @@ class ToDREHandle:
         keep = keep.view(B, L)
         side = "right" if bool((mask[:, -1] == 0).any()) else "left"
         index, valid = compaction_index(keep, side)
-        new = ad.rebuild_inputs({**kw, "attention_mask": mask}, index, valid, images, kept, self.positions)
+        new = ad.rebuild_inputs({**kw, "attention_mask": mask}, index, valid, images, kept, self.positions, generate=generate)
         sample = [int(r[0]) // L for r in runs]
         stats = ToDREStats(n_visual=sizes, kept=[k.cpu() for k in kept], pivot=pivots, image_sample=sample,
                            check_layer=self.check_layer, seconds={"vision": t1 - t0, "select": t2 - t1})
@@ -331,7 +332,7 @@ class ToDREHandle:
         kw = {k: v for k, v in kw.items() if v is not None or k == "attention_mask"}
         self._check_attentions(kw)
         orig_ids = kw["input_ids"] if "input_ids" in kw else None
-        new, self.stats = self.prune_inputs(kw)
+        new, self.stats = self.prune_inputs(kw, generate=True)
         if self.stage2: self.stage2.alpha_t2v = None
         self.pruner.decode_kv_tokens = []
         self._in_generate = True

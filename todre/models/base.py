@@ -10,7 +10,7 @@ import torch
 
 # %% auto #0
 __all__ = ['FAMILIES', 'cls_attention', 'ImageTokens', 'Adapter', 'Family', 'supported_models', 'tiny_names', 'find_family',
-           'get_adapter', 'tiny_model', 'tiny_inputs']
+           'get_adapter', 'tiny_model', 'tiny_inputs', 'tiny_video_inputs']
 
 # %% ../../nbs/models/00_base.ipynb #ce998a8f
 def cls_attention(layer:torch.nn.Module, # one encoder layer of a ViT with a [CLS] token first
@@ -132,6 +132,7 @@ class Adapter:
                        items:list[ImageTokens], # every visual item of the call
                        kept:list[torch.Tensor], # kept indices per item
                        positions:str, # "contiguous" or "original"
+                       generate:bool=False, # the call is `generate` (True) or a plain forward (False)
                       ) -> dict:
         "The shortened call: ids, per-token inputs and positions gathered with `index`, the kept features as encoder outputs."
         ids = kw["input_ids"]
@@ -168,10 +169,16 @@ class Family:
     tiny:str # function in that module: `(**kwargs) -> (model, processor)` with random weights, built from configs
     inputs:str # function in that module: `(processor, images, questions) -> inputs`, one image and question per sample
     names:tuple = () # names `tiny_model` and `todre demo --model` accept for the tiny stand-in
+    video_inputs:str|None = None # function in that module: `(processor, videos, questions) -> inputs`, one video (a list of PIL frames) per sample
 
 FAMILIES = [
     Family("llava", ("LlavaForConditionalGeneration",), "LlavaAdapter", "tiny_llava", "tiny_llava_inputs", ("tiny-llava",)),
     Family("llava_next", ("LlavaNextForConditionalGeneration",), "LlavaNextAdapter", "tiny_llava_next", "tiny_llava_inputs", ("tiny-llava-next",)),
+    Family("qwen2_5_vl", ("Qwen2_5_VLForConditionalGeneration",), "Qwen2_5_VLAdapter", "tiny_qwen2_5_vl", "tiny_qwen_inputs", ("tiny-qwen2.5-vl",), "tiny_qwen_video_inputs"),
+    Family("qwen3_vl", ("Qwen3VLForConditionalGeneration",), "Qwen3VLAdapter", "tiny_qwen3_vl", "tiny_qwen3_inputs", ("tiny-qwen3-vl",), "tiny_qwen3_video_inputs"),
+    Family("internvl", ("InternVLForConditionalGeneration",), "InternVLAdapter", "tiny_internvl", "tiny_internvl_inputs", ("tiny-internvl",)),
+    Family("llava_onevision", ("LlavaOnevisionForConditionalGeneration",), "LlavaOnevisionAdapter", "tiny_llava_onevision", "tiny_onevision_inputs", ("tiny-llava-onevision",), "tiny_onevision_video_inputs"),
+    Family("llava_next_video", ("LlavaNextVideoForConditionalGeneration",), "LlavaNextVideoAdapter", "tiny_llava_next_video", "tiny_next_video_inputs", ("tiny-llava-next-video",), "tiny_next_video_video_inputs"),
 ]
 
 def _load(family:Family, attr:str): return getattr(importlib.import_module(f"todre.models.{family.module}"), attr)
@@ -211,3 +218,12 @@ def tiny_inputs(name_or_model, # a tiny model's name, a family, or a model insta
     "Processor inputs for one image and one question per sample, in the family's prompt format."
     f = find_family(name_or_model)
     return _load(f, f.inputs)(processor, images, questions)
+
+def tiny_video_inputs(name_or_model, # a tiny model's name, a family, or a model instance
+                      processor, videos:list, # one video per sample: a list of PIL frames of one size
+                      questions:list, # one question per sample
+                     ):
+    "Processor inputs for one video and one question per sample, in the family's prompt format; a clear error for image-only families."
+    f = find_family(name_or_model)
+    if f.video_inputs is None: raise ValueError(f"todre's {f.module} family takes images only, not videos")
+    return _load(f, f.video_inputs)(processor, videos, questions)
