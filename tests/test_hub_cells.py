@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pytest
 
-import todre.cli, todre.evaluate
+import todre.cli, todre.evaluate, todre.loading
 from todre.tiny import sample_image
 
 NBS = Path(__file__).parents[1] / "nbs"
@@ -46,11 +46,12 @@ def fake_benchmark(name, n=None, seed=0, progress=True):
 @pytest.fixture
 def offline_hub(monkeypatch):
     "Stand-ins for the Hub; yields the model names the cells asked for."
-    real, asked = todre.cli.load_model, []
+    real, asked = todre.loading.load_model, []
     def load_model(model="testbed", device="cpu", **kwargs):
         asked.append(model)
         return real("tiny-llava-next" if model == HUB_ID else model, device="cpu")
     monkeypatch.setattr(todre.cli, "load_model", load_model)
+    monkeypatch.setattr(todre.loading, "load_model", load_model)
     monkeypatch.setattr(todre.evaluate, "load_benchmark", fake_benchmark)
     yield asked
     plt.close("all")

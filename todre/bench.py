@@ -97,7 +97,7 @@ def bench_model(name:str, # a real shape ("llava-1.5-7b", "llava-next-7b", "llav
                 device="cpu", attn:str="sdpa"):
     "`(model, processor, prompt_fn)` for `todre bench`: real shapes get random weights (bf16 on CUDA, fp32 on CPU)."
     from todre.timing import random_weights_model
-    from todre.cli import load_model
+    from todre.loading import load_model
     if name in ("llava-1.5-7b", "llava-next-7b", "llava-next-13b"):
         model, proc = random_weights_model(name, device=device, attn_implementation=attn,
                                            dtype=torch.bfloat16 if str(device).startswith("cuda") else torch.float32)

@@ -295,7 +295,7 @@ def hub_ablation(settings, # (name, retain, cfg) triples, one named "unpruned"; 
                  n:int|None=500, # rows per benchmark (MME: n // 2 images, both questions each); None: every row
                  device=None, seed:int=0, progress:bool=True):
     "`ablation_scores` on a Hub checkpoint and seeded subsets of the paper's benchmarks (needs the Hub)."
-    from todre.cli import load_model
+    from todre.loading import load_model
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, proc, prompt = load_model(model_id, device=device)
     data = {b: load_benchmark(b, n // 2 if n and b == "mme" else n, seed=seed, progress=progress) for b in benchmarks}
