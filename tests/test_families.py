@@ -22,7 +22,7 @@ _CACHE = {}
 
 def _model(f, attn="sdpa"):
     key = (f.module, attn)
-    if key not in _CACHE: _CACHE[key] = tiny_model(f.names[0], text_layers=4, attn_implementation=attn)
+    if key not in _CACHE: _CACHE[key] = tiny_model(f.names[0], text_layers=6, attn_implementation=attn)   # check layer 4, one layer after it
     return _CACHE[key]
 
 @pytest.fixture(scope="module")

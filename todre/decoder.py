@@ -8,8 +8,9 @@ import math
 import torch, torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['PAD', 'SYSTEM', 'VISUAL', 'TEXT', 'TOKEN_GROUPS', 'token_types', 'cross_modal_ratios', 'attention_rows',
-           'compaction_index', 'packed_prefill_mask', 'packed_decode_mask', 'LayerView', 'DecoderPruner']
+__all__ = ['PAD', 'SYSTEM', 'VISUAL', 'TEXT', 'TOKEN_GROUPS', 'ATTACHED_COPY_MSG', 'token_types', 'cross_modal_ratios',
+           'attention_rows', 'compaction_index', 'packed_prefill_mask', 'packed_decode_mask', 'AttachedHook',
+           'LayerView', 'DecoderPruner']
 
 # %% ../nbs/04_decoder.ipynb #d7ae2244
 PAD, SYSTEM, VISUAL, TEXT = 0, 1, 2, 3
@@ -107,6 +108,17 @@ def _gather_positions(pos:torch.Tensor, # (B, L) or (1, L) position ids, or (R, 
     if pos.dim() == 3: return pos.expand(-1, B, -1).gather(2, index[None].expand(pos.shape[0], -1, -1))
     return pos.expand(B, -1).gather(1, index)
 
+ATTACHED_COPY_MSG = ("todre is attached to this model (hooks and wrapped methods on this instance), and a copy or a pickle "
+                     "cannot carry them: call handle.remove() first, copy or pickle the plain model, then apply_todre(...) "
+                     "again where you need it; the weights alone (model.state_dict(), save_pretrained) save fine while attached")
+
+class AttachedHook:
+    "A hook todre registers on a module: calls `fn`; copying or pickling the model it sits in stops with a clear message."
+    def __init__(self, fn): self.fn = fn
+    def __call__(self, *args, **kwargs): return self.fn(*args, **kwargs)
+    def __reduce_ex__(self, protocol): raise TypeError(ATTACHED_COPY_MSG)
+    def __deepcopy__(self, memo): raise TypeError(ATTACHED_COPY_MSG)
+
 class LayerView:
     "What a decider sees at its layer, in that layer's (possibly packed) layout."
     def __init__(self, **kw): self.__dict__.update(kw)
@@ -123,8 +135,8 @@ class DecoderPruner:
         self.deciders, self.captures, self.handles = {}, {}, []
         self.phase = None
         for j, layer in enumerate(layers):
-            self.handles.append(layer.register_forward_pre_hook(self._pre_hook(j), with_kwargs=True))
-            self.handles.append(layer.register_forward_hook(self._post_hook(j), with_kwargs=True))
+            self.handles.append(layer.register_forward_pre_hook(AttachedHook(self._pre_hook(j)), with_kwargs=True))
+            self.handles.append(layer.register_forward_hook(AttachedHook(self._post_hook(j)), with_kwargs=True))
 
     def add_decider(self, layer:int, # 0-based layer after which the decider runs
                     fn, # `fn(view: LayerView) -> keep (B, L) bool over sequence positions, or None`
@@ -138,7 +150,8 @@ class DecoderPruner:
             def hook(mod, args, out):
                 if self.phase == "prefill": cap[name] = out
             return hook
-        self.handles += [attn.q_proj.register_forward_hook(grab("q")), attn.k_proj.register_forward_hook(grab("k"))]
+        self.handles += [attn.q_proj.register_forward_hook(AttachedHook(grab("q"))),
+                         attn.k_proj.register_forward_hook(AttachedHook(grab("k")))]
 
     def remove(self):
         "Detach every hook; the layers are exactly as before."
