@@ -218,3 +218,23 @@ def test_static_cache(llava, images):
     with apply_todre(model, tau=1.0):
         with pytest.raises(NotImplementedError, match="needs a DynamicCache"):
             model.generate(**inputs, max_new_tokens=2, cache_implementation="static")
+
+@pytest.mark.parametrize("tau,stage2", [(0.0, True), (1.0, True), (None, False)])
+def test_decoding_steps_carry_hooks_only_where_the_cache_was_shortened(llava, images, tau, stage2):
+    "No per-layer work during decoding unless stage 2 dropped tokens; then only on the layers after the check."
+    model, proc = llava
+    inputs = proc(images=[images[0]], text=[PROMPTS[0]], return_tensors="pt")
+    layers = model.model.language_model.layers
+    seen = []
+    probe = model.lm_head.register_forward_pre_hook(
+        lambda m, a: seen.append(sum(len(l._forward_pre_hooks) + len(l._forward_hooks) for l in layers)))
+    try:
+        kw = dict(retain=0.25, stage2=stage2) if tau is None else dict(retain=0.25, tau=tau)
+        with apply_todre(model, **kw) as h:
+            with torch.no_grad(): model.generate(**inputs, max_new_tokens=4, do_sample=False)
+            after = len(layers) - 1 - h.check_layer if stage2 else 0
+            n_steps = len(h.stats.decode_kv_tokens)
+            assert sum(len(l._forward_pre_hooks) + len(l._forward_hooks) for l in layers) == 0   # generate is over
+    finally: probe.remove()
+    assert seen[0] == 2 * len(layers) and n_steps == 3
+    assert seen[1:] == [after if tau == 1.0 else 0] * 3

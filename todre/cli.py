@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=c.seed, help="seed of random choices")
     p.demo_parser = d
     from todre.bench import add_bench_parser
-    add_bench_parser(sub)
+    from todre.notebooks import add_notebooks_parser
+    add_bench_parser(sub); add_notebooks_parser(sub)
     return p
 
 def config_from_args(a) -> ToDREConfig:
@@ -154,3 +155,7 @@ def main(argv=None):
     elif a.command == "bench":
         from todre.bench import run_bench
         run_bench(a)
+    elif a.command == "notebooks":
+        from todre.notebooks import run_notebooks
+        try: run_notebooks(a)
+        except FileNotFoundError as e: p.error(str(e))

@@ -329,7 +329,7 @@ class ToDREHandle:
             st.alpha_t2v, st.alpha_v2t, st.stage2_decision = self.stage2.alpha_t2v, self.stage2.alpha_v2t, self.stage2.fired
             # tokens are dropped only from layers after the check layer: at the last layer nothing is dropped
             st.stage2_fired = st.stage2_decision & (self.check_layer < self.adapter.n_layers - 1)
-        st.decode_kv_tokens = self.pruner.decode_kv_tokens
+        if not self._in_generate: st.decode_kv_tokens = self.pruner.decode_kv_tokens   # generate reads them once, at its end
 
     def _check_attentions(self, kw):
         impl = self.adapter.language_model.config._attn_implementation
@@ -420,10 +420,10 @@ class ToDREHandle:
         orig_ids = kw["input_ids"] if "input_ids" in kw else None
         new, self.stats = self.prune_inputs(kw, generate=True)
         if self.stage2: self.stage2.alpha_t2v = None
-        self.pruner.decode_kv_tokens = []
+        self.pruner.reset_decode_stats()
         self._in_generate = True
         try: out = self._orig_generate(**new)
-        finally: self._in_generate = False; self.pruner.phase = None
+        finally: self._in_generate = False; self.pruner.phase = None; self.pruner.end_decoding()
         st, Lp = self.stats, new["input_ids"].shape[1]
         if st is not None:
             st.decode_kv_tokens = self.pruner.decode_kv_tokens

@@ -133,10 +133,33 @@ class DecoderPruner:
         self.layers, self.rope, self.impl = layers, rope, impl
         self.n = len(layers)
         self.deciders, self.captures, self.handles = {}, {}, []
-        self.phase = None
-        for j, layer in enumerate(layers):
+        self.phase, self.layer_keys, self._kv_steps = None, [None] * self.n, []
+
+    # Hooks live only where they do work: during a prefill on every layer (and on the deciders' q/k projections);
+    # during decoding only on the layers whose cache was shortened, and on none when nothing was dropped, so the
+    # decoding steps then run exactly as the plain model's.
+    def _unhook(self):
+        for h in self.handles: h.remove()
+        self.handles = []
+
+    def _hook_prefill(self):
+        self._unhook()
+        for j, layer in enumerate(self.layers):
             self.handles.append(layer.register_forward_pre_hook(AttachedHook(self._pre_hook(j)), with_kwargs=True))
             self.handles.append(layer.register_forward_hook(AttachedHook(self._post_hook(j)), with_kwargs=True))
+        for j in self.deciders:
+            attn, cap = self.layers[j].self_attn, self.captures[j]
+            def grab(name, cap=cap):
+                def hook(mod, args, out): cap[name] = out
+                return hook
+            self.handles += [attn.q_proj.register_forward_hook(AttachedHook(grab("q"))),
+                             attn.k_proj.register_forward_hook(AttachedHook(grab("k")))]
+
+    def _hook_decode(self):
+        self._unhook()
+        for j, layer in enumerate(self.layers):
+            if self.layer_keys[j] is not None:
+                self.handles.append(layer.register_forward_pre_hook(AttachedHook(self._decode_hook(j)), with_kwargs=True))
 
     def add_decider(self, layer:int, # 0-based layer after which the decider runs
                     fn, # `fn(view: LayerView) -> keep (B, L) bool over sequence positions, or None`
@@ -144,19 +167,12 @@ class DecoderPruner:
         "Run `fn` after `layer` during prefill; the tokens it does not keep are dropped from deeper layers."
         if not 0 <= layer < self.n: raise ValueError(f"layer {layer} is out of range for a {self.n}-layer decoder")
         self.deciders[layer] = fn
-        attn = self.layers[layer].self_attn
-        cap = self.captures.setdefault(layer, {})
-        def grab(name):
-            def hook(mod, args, out):
-                if self.phase == "prefill": cap[name] = out
-            return hook
-        self.handles += [attn.q_proj.register_forward_hook(AttachedHook(grab("q"))),
-                         attn.k_proj.register_forward_hook(AttachedHook(grab("k")))]
+        self.captures.setdefault(layer, {})
 
     def remove(self):
         "Detach every hook; the layers are exactly as before."
-        for h in self.handles: h.remove()
-        self.handles, self.deciders, self.captures, self.phase = [], {}, {}, None
+        self._unhook()
+        self.deciders, self.captures, self.phase, self.layer_keys = {}, {}, None, [None] * self.n
 
     # ---- per call -------------------------------------------------------------------------------------------
     def begin_prefill(self, types:torch.Tensor # (B, L) token groups of the sequence the LM receives
@@ -167,22 +183,50 @@ class DecoderPruner:
         self.index, self.valid = None, types != PAD
         self.pending, self.layer_keys = {}, [None] * self.n
         self.prefill_tokens = torch.zeros(self.n, B, dtype=torch.long, device=types.device)   # to the CPU once, in `end`
-        self.decode_kv_tokens = []
+        self.reset_decode_stats()
         self.full_hidden = self.pe_full = self.pos_full = None
+        self._hook_prefill()
 
     def begin_decode(self, attention_mask:torch.Tensor # (B, P + t) the 2-D mask `generate` passes at this step
                     ):
-        "Start one decoding step."
+        "Start one decoding step: record the keys every layer attends to (one small op, no synchronisation)."
         self.phase = "decode"
         self.attn2d = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
-        self._kv = None if self.attn2d is None else torch.zeros(self.n, attention_mask.shape[0], dtype=torch.long,
-                                                                device=attention_mask.device)
+        self._step_masks = {}
+        if self.attn2d is None:
+            if self.dropped_any: raise RuntimeError("a layer with dropped tokens needs the 2-D attention mask while decoding")
+            return
+        full = self.attn2d.sum(1)
+        if not self.dropped_any: self._kv_steps.append(full); return
+        new = self.attn2d[:, self.L:].sum(1)
+        self._kv_steps.append(torch.where(self._dropped[:, None], self._key_counts + new, full))
 
     def end(self):
-        "End a forward call (the hooks go quiet until the next one)."
-        if self.phase == "decode" and self._kv is not None: self.decode_kv_tokens.append(self._kv.cpu())
-        if self.phase == "prefill": self.prefill_tokens = self.prefill_tokens.cpu()
+        "End a forward call. After a prefill, only the layers whose cache was shortened keep a (decoding) hook."
+        if self.phase == "prefill":
+            self.prefill_tokens = self.prefill_tokens.cpu()
+            if self.dropped_any:
+                dev = self.valid.device
+                self._dropped = torch.tensor([k is not None for k in self.layer_keys], device=dev)
+                self._key_counts = torch.stack([torch.zeros(self.valid.shape[0], dtype=torch.long, device=dev) if k is None
+                                                else k.sum(1) for k in self.layer_keys])
+            self._hook_decode()
         self.phase = None
+
+    def end_decoding(self):
+        "A generation is over: take the decoding hooks off (a manual decoding loop after a plain forward keeps them until the next prefill)."
+        self._unhook()
+
+    def reset_decode_stats(self):
+        "Forget the per-step key counts (a new generation starts)."
+        self._kv_steps, self._kv_cpu = [], []
+
+    @property
+    def decode_kv_tokens(self) -> list:
+        "Per decoding step, (layers, B) keys each layer attended to (moved to the CPU when first read)."
+        for t in self._kv_steps[len(self._kv_cpu):]:
+            self._kv_cpu.append((t.expand(self.n, -1) if t.dim() == 1 else t).cpu())
+        return list(self._kv_cpu)
 
     @property
     def dropped_any(self): return any(k is not None for k in self.layer_keys)
@@ -222,30 +266,32 @@ class DecoderPruner:
 
     def _pre_hook(self, j):
         def hook(mod, args, kwargs):
-            if self.phase is None: return None
+            if self.phase != "prefill": return None
             hidden = args[0] if args else kwargs["hidden_states"]
-            if self.phase == "prefill":
-                if self.pe_full is None:
-                    self.pe_full, self.pos_full = kwargs.get("position_embeddings"), kwargs.get("position_ids")
-                if j in self.pending: hidden = self._pack(hidden, self.pending.pop(j))
-                self.prefill_tokens[j] = self.valid.sum(1)
-                self.layer_keys[j] = None if self.index is None else self.valid
-                if self.index is not None:
-                    kwargs.update(attention_mask=self.mask, position_embeddings=self._packed_pe(kwargs.get("position_embeddings")))
-                    if self.pos is not None: kwargs["position_ids"] = self.pos
-                self.view_in = (hidden, kwargs.get("position_embeddings"))
-            else:
-                keys = self.layer_keys[j]
-                if self.attn2d is None:
-                    if keys is not None: raise RuntimeError("a layer with dropped tokens needs the 2-D attention mask while decoding")
-                    return None
-                new = self.attn2d[:, self.L:]
-                if keys is not None:
-                    kwargs["attention_mask"] = packed_decode_mask(keys, new, self.impl(), hidden.dtype)
-                    self._kv[j] = keys.sum(1) + new.sum(1)
-                else: self._kv[j] = self.attn2d.sum(1)
+            if self.pe_full is None:
+                self.pe_full, self.pos_full = kwargs.get("position_embeddings"), kwargs.get("position_ids")
+            if j in self.pending: hidden = self._pack(hidden, self.pending.pop(j))
+            self.prefill_tokens[j] = self.valid.sum(1)
+            self.layer_keys[j] = None if self.index is None else self.valid
+            if self.index is not None:
+                kwargs.update(attention_mask=self.mask, position_embeddings=self._packed_pe(kwargs.get("position_embeddings")))
+                if self.pos is not None: kwargs["position_ids"] = self.pos
+            self.view_in = (hidden, kwargs.get("position_embeddings"))
             if args: args = (hidden,) + tuple(args[1:])
             else: kwargs["hidden_states"] = hidden
+            return args, kwargs
+        return hook
+
+    def _decode_hook(self, j):
+        "Decoding on a layer whose prefill was packed: attend to its shorter cache (one mask per step, shared by such layers)."
+        keys = self.layer_keys[j]
+        def hook(mod, args, kwargs):
+            if self.phase != "decode" or self.attn2d is None: return None
+            m = self._step_masks.get(id(keys))
+            if m is None:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                m = self._step_masks[id(keys)] = packed_decode_mask(keys, self.attn2d[:, self.L:], self.impl(), hidden.dtype)
+            kwargs["attention_mask"] = m
             return args, kwargs
         return hook
 
