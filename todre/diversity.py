@@ -140,9 +140,9 @@ def _layout(feats, cls_attn, mask):
     raise ValueError("give `feats` or `cls_attn` so the number of tokens is known")
 
 def _uniform_scores(B, n, seed, device):
-    "Seeded iid uniform scores (B, n), drawn on the CPU so a seed gives the same draw on every device."
+    "Seeded uniform scores (B, n), drawn on the CPU so a seed gives the same draw on every device. Every row gets the same draw, so an item's scores do not depend on the batch it is in (a shorter draw is a prefix of a longer one)."
     g = torch.Generator().manual_seed(int(seed))
-    return torch.rand(B, n, generator=g).to(device)
+    return torch.rand(n, generator=g).expand(B, n).to(device)
 
 # %% ../nbs/01_diversity.ipynb #67bd2a80
 def pick_pivot(
