@@ -362,3 +362,17 @@ def test_pool_without_grid_is_evenly_spaced_over_candidates():
     m = torch.ones(2, 16, dtype=torch.bool); m[1, 12:] = False
     out = select_tokens("pool", torch.randn(2, 16, 2), 4, mask=m, grid=(4, 4))
     assert out[0].tolist() == grid_pool_indices(4, 4, 4) and out[1].tolist() == [1, 4, 7, 10]
+
+
+def test_exact_copies_tie_by_index_whatever_the_batch():
+    "Tokens that are exact copies of each other (LLaVA-NeXT's newline tokens) get one score: the lowest index wins, alone or in a batch."
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 64, generator=g)
+    x[::25] = torch.randn(64, generator=g)                 # 12 identical tokens
+    other = torch.randn(300, 64, generator=g)
+    for objective in ("maxsum", "kcenter"):
+        alone = select_diverse(x, 40, objective=objective, pivot=3)
+        batched = select_diverse(torch.stack([other, x]), 40, objective=objective, pivot=3)[1]
+        assert torch.equal(alone, batched)
+        picked = [i for i in alone.tolist() if i % 25 == 0]
+        assert picked == sorted(picked) and (not picked or picked[0] == 0)

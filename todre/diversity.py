@@ -68,6 +68,23 @@ def _unit_rows(feats):
     "Rows of `feats` scaled to unit L2 norm in fp32 (zero rows stay zero, so their cosine with anything is 0)."
     return F.normalize(feats.float(), dim=-1, eps=1e-12)
 
+def _duplicate_of(raw):
+    "(B, n): for each token the first index of an exact copy of it in its sample (itself if none); None when no token repeats."
+    # an integer hash of the bit patterns is exact and order-free: copies hash equally wherever they sit in the batch
+    raw = raw.float().contiguous()
+    w = torch.randint(-2 ** 62, 2 ** 62, (raw.shape[-1],), generator=torch.Generator().manual_seed(0)) * 2 + 1   # odd
+    h = (raw.view(torch.int32).long() * w.to(raw.device)).sum(-1)            # wraps mod 2^64, exactly
+    srt = h.sort(1).values
+    if not (srt[:, 1:] == srt[:, :-1]).any(): return None
+    out = []
+    for hb in h:
+        _, inv = torch.unique(hb, return_inverse=True)
+        first = torch.full((int(inv.max()) + 1,), hb.numel(), dtype=torch.long, device=hb.device)
+        out.append(first.scatter_reduce(0, inv, torch.arange(hb.numel(), device=hb.device), "amin")[inv])
+    first = torch.stack(out)
+    same = (raw == raw.gather(1, first[..., None].expand_as(raw))).all(-1)    # equal hashes are checked bit for bit
+    return torch.where(same, first, torch.arange(raw.shape[1], device=raw.device))
+
 def _finish(sel, ks, per_sample, unbatched):
     "Sort kept indices ascending (padding -1 stays at the right) and drop the batch dim for unbatched input."
     n_big = torch.iinfo(torch.long).max
@@ -106,6 +123,7 @@ def select_diverse(
         from todre.kernels import greedy_fused
         return _finish(greedy_fused(raw, score, piv, ks, kmax, maxsum), ks, per_sample, unbatched)
     x = _unit_rows(raw)
+    copies = _duplicate_of(raw)      # exact copies (LLaVA-NeXT's newline tokens) share one score, so ties go by index
     sel = torch.full((B, kmax), -1, dtype=torch.long, device=x.device)
     chosen = piv
     for t in range(kmax):
@@ -113,6 +131,7 @@ def select_diverse(
         sel[:, t] = torch.where(t < ks, chosen, -1)
         if t == kmax - 1: break
         sim = torch.bmm(x, x[rows, chosen][:, :, None])[..., 0]         # (B, n) cosine to the new token
+        if copies is not None: sim = sim.gather(1, copies)
         score = score + sim if maxsum else torch.minimum(score, 1 - sim)
         score[rows, chosen] = blocked
     return _finish(sel, ks, per_sample, unbatched)
