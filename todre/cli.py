@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.demo_parser = d
     from todre.bench import add_bench_parser
     from todre.notebooks import add_notebooks_parser
-    add_bench_parser(sub); add_notebooks_parser(sub)
+    from todre.site import add_site_parser
+    add_bench_parser(sub); add_notebooks_parser(sub); add_site_parser(sub)
     return p
 
 def config_from_args(a) -> ToDREConfig:
@@ -123,8 +124,9 @@ def demo(cfg:ToDREConfig|None=None, # what ToDRE does (paper defaults when None)
         say(f"time: generate {max_new_tokens} tokens: unpruned {t_base * 1e3:.1f} ms, ToDRE {t_todre * 1e3:.1f} ms "
             f"(vision {st.seconds['vision'] * 1e3:.1f} ms, selection {st.seconds['select'] * 1e3:.1f} ms)")
         ad = get_adapter(m)
-        if out and not hasattr(ad, "encode"):
-            say(f"kept-token map: drawn for the LLaVA families only ({type(m).__name__} skipped)"); out = None
+        if out and (ad.family not in ("llava", "llava_next") or inputs.get("pixel_values") is None):
+            say(f"kept-token map: drawn for LLaVA-1.5 and LLaVA-NeXT images only ({type(m).__name__}"
+                f"{', a video' if video else ''} skipped)"); out = None
         if out:
             with torch.no_grad():
                 (toks,) = ad.encode(inputs["pixel_values"], inputs.get("image_sizes"))
@@ -159,3 +161,7 @@ def main(argv=None):
         from todre.notebooks import run_notebooks
         try: run_notebooks(a)
         except FileNotFoundError as e: p.error(str(e))
+    elif a.command == "site":
+        from todre.site import run_site
+        try: run_site(a)
+        except (FileNotFoundError, ModuleNotFoundError) as e: p.error(f"{e} (the site needs mkdocs and mkdocs-jupyter: pip install -e .[docs])")
