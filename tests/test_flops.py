@@ -2,7 +2,7 @@
 import pytest, torch
 from todre.core import apply_todre
 from todre.flops import (DecoderShape, VisionShape, ModelShape, SHAPES, layer_flops, prefill_flops, decode_flops,
-                         vision_flops, generate_flops, check_counts, kv_cache_bytes, shape_from_config)
+                         vision_flops, generate_flops, check_counts, kv_cache_bytes, shape_from_config, vision_sequences)
 from conftest import PROMPTS
 
 torch.set_num_threads(1)
@@ -108,3 +108,48 @@ def test_kv_bytes_formula():
     per, total = kv_cache_bytes(100, SHAPES["llava-next-7b"])
     assert per[0] == 2 * 32 * 128 * 100 * 2 and total == 32 * per[0]
     assert kv_cache_bytes([1, 2, 3], TOY, dtype_bytes=4) == ([16, 32, 48], 96)   # head_dim 2
+
+
+def test_real_shapes_of_other_families():
+    q, i = SHAPES["qwen2.5-vl-7b"], SHAPES["internvl2-8b"]
+    assert (q.decoder.layers, q.decoder.hidden, q.decoder.ffn, q.decoder.heads, q.decoder.kv_heads, q.decoder.vocab) == (28, 3584, 18944, 28, 4, 152064)
+    assert (q.vision.layers, q.vision.hidden, q.vision.tokens_per_crop, q.vision.cls, q.vision.merge, q.vision.window) == (32, 1280, None, False, 4, 64)
+    assert (i.decoder.layers, i.decoder.hidden, i.decoder.ffn, i.decoder.kv_heads, i.decoder.vocab) == (32, 4096, 14336, 8, 92553)
+    assert (i.vision.tokens_per_crop, i.vision.llm_tokens_per_crop, i.max_crops) == (1025, 256, 13)
+    assert kv_cache_bytes(1, q)[1] == 28 * 2 * 4 * 128 * 2     # 56 KiB per token in bf16
+
+def test_windowed_vision_by_hand():
+    v = VisionShape(layers=3, hidden=2, ffn=3, tokens_per_crop=None, cls=False, merge=4, window=2, full_layers=(1,))
+    # 5 patches: layers 0 and 2 attend within windows of 2, layer 1 over all 5
+    assert vision_flops([5], v) == 2 * layer_flops(5, 2, 3, kv_len=2) + layer_flops(5, 2, 3)
+    assert vision_flops([1, 5], v) == vision_flops([1], v) + vision_flops([5], v)
+    with pytest.raises(ValueError, match="dynamic resolution"): vision_flops(2, v)
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-llava-next", "tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-internvl",
+                                  "tiny-llava-onevision", "tiny-llava-next-video"])
+def test_every_family_accounts(name, images):
+    from todre.models.base import tiny_model, tiny_inputs
+    model, proc = tiny_model(name, text_layers=8) if name != "tiny-llava" else tiny_model(name)
+    inputs = tiny_inputs(model, proc, images[:2], ["Where is the cup?", "What?"])
+    shape = shape_from_config(model)
+    vis = vision_sequences(model, inputs)
+    assert len(vis) == 2 and all(len(v) >= 1 for v in vis)
+    st, check, out = _run(model, inputs, tau=1.0)
+    for b in range(2):
+        f = generate_flops(st, shape, sample=b, vision=vis)
+        assert f["vision"] == vision_flops([n for n in vis[b]], shape) > 0
+        assert f["prefill_per_layer"][-1] < f["prefill_per_layer"][0]              # stage 2 fired after the check layer
+    with pytest.raises(ValueError, match="visual items"): generate_flops(st, shape, vision=vis[:1])
+    per, total = kv_cache_bytes(st, shape, dtype_bytes=4)
+    cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
+    assert total <= sum(l.keys.nbytes + l.values.nbytes for l in cache.layers)       # padding slots are not counted
+
+def test_vision_sequences_read_the_inputs(images):
+    from todre.models.base import tiny_model, tiny_inputs
+    model, proc = tiny_model("tiny-qwen2.5-vl")
+    x = tiny_inputs(model, proc, images[:1], ["Hi?"])
+    t, h, w = x["image_grid_thw"][0].tolist()
+    assert vision_sequences(model, x) == [[h * w] * t]
+    model, proc = tiny_model("tiny-internvl")
+    x = tiny_inputs(model, proc, images[:2], ["Hi?", "Ho?"])
+    assert sum(len(v) for v in vision_sequences(model, x)) == x["pixel_values"].shape[0]

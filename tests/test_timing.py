@@ -1,7 +1,7 @@
 "The timer and the generate profiler, on CPU with fake workloads and the tiny LLaVA."
-import time, pytest, torch
+import dataclasses, time, pytest, torch
 from todre.core import apply_todre
-from todre.timing import Timer, Timing, timeit, profile_generate, device_info, device_of, cache_nbytes, random_weights_model
+from todre.timing import Timer, Timing, timeit, profile_generate, device_info, device_of, cache_nbytes, random_weights_model, prompt_template
 from todre.flops import SHAPES, shape_from_config
 from conftest import PROMPTS
 
@@ -88,5 +88,30 @@ def test_random_weights_model_on_meta(name):
     model, proc = random_weights_model(name, device="meta")
     assert shape_from_config(model) == SHAPES[name]
     assert next(model.parameters()).dtype == torch.bfloat16
-    assert model.config.image_token_id == proc.tokenizer.convert_tokens_to_ids("<image>")
+    image_token = getattr(proc, "image_token", None) or "<image>"
+    assert model.config.image_token_id == proc.tokenizer.convert_tokens_to_ids(image_token)
+    assert len(proc.tokenizer) <= model.config.text_config.vocab_size
     with pytest.raises(ValueError, match="unknown shape"): random_weights_model("nope", device="meta")
+
+@pytest.mark.parametrize("name", ["qwen2.5-vl-7b", "internvl2-8b", "llava-next-7b"])
+def test_random_weights_model_layer_overrides(name):
+    model, proc = random_weights_model(name, device="meta", layers=2, vision_layers=3)
+    s = shape_from_config(model)
+    assert (s.decoder.layers, s.vision.layers) == (2, 3)
+    assert s.decoder == dataclasses.replace(SHAPES[name].decoder, layers=2)
+    if name == "qwen2.5-vl-7b": assert (s.vision.window, s.vision.full_layers) == (64, ())   # no full-attention layer below 7: every layer windowed
+    assert type(model).__name__ == {"qwen2.5-vl-7b": "Qwen2_5_VLForConditionalGeneration", "internvl2-8b": "InternVLForConditionalGeneration",
+                                    "llava-next-7b": "LlavaNextForConditionalGeneration"}[name]
+
+def test_real_shape_processors_fit_the_models(images):
+    for name, want in {"qwen2.5-vl-7b": 576, "internvl2-8b": 5 * 256}.items():
+        model, proc = random_weights_model(name, device="meta", layers=1, vision_layers=1)
+        x = proc(images=[images[0].resize((672, 672))], text=[prompt_template(model)("Is there a cup?")], return_tensors="pt")
+        assert int((x["input_ids"] == model.config.image_token_id).sum()) == want
+    assert random_weights_model("internvl2-8b", device="meta", layers=1)[0].config.text_config.model_type == "llama"
+
+def test_prompt_template():
+    assert prompt_template("tiny-llava")("Hi?") == "USER: <image>\nHi? ASSISTANT:"
+    assert prompt_template("tiny-qwen2.5-vl")("Hi?").endswith("<|vision_start|><|image_pad|><|vision_end|>Hi?<|im_end|>\n<|im_start|>assistant\n")
+    assert "<video>" in prompt_template("tiny-llava-next-video", "video")("What happens?")
+    with pytest.raises(ValueError, match="images only"): prompt_template("tiny-internvl", "video")

@@ -41,7 +41,7 @@ def bench(model, processor, images:list, # one image per sample (a batch is made
     from tqdm.auto import tqdm
     from todre.core import apply_todre
     from todre.timing import profile_generate
-    from todre.flops import shape_from_config, generate_flops
+    from todre.flops import shape_from_config, generate_flops, vision_sequences
     from todre.fast import GraphedGenerator, profile_graphed
     if "baseline" not in methods: methods = ("baseline",) + tuple(methods)
     cfgs = {m: method_config(m) for m in methods}
@@ -72,9 +72,7 @@ def bench(model, processor, images:list, # one image per sample (a batch is made
                    first_layer_tokens=r["prefill_tokens"][0][0], last_layer_tokens=r["prefill_tokens"][-1][0],
                    stage2_fired=None if r["stage2_fired"] is None else sum(r["stage2_fired"]), tflops=None)
         if st is not None:
-            try:
-                n_crops = inputs["pixel_values"].shape[1] if inputs["pixel_values"].dim() == 5 else 1
-                row["tflops"] = generate_flops(st, shape, n_crops=n_crops)["total"] / 1e12
+            try: row["tflops"] = generate_flops(st, shape, vision=vision_sequences(model, inputs))["total"] / 1e12
             except Exception: row["tflops"] = None
         rows.append(row)
     for row in rows:
@@ -127,17 +125,19 @@ def decode_overhead(model, inputs, # processor outputs for one batch, on the mod
     return [dict(setting=name, ms_per_step=1e3 * med[name], ratio=med["plain"] / med[name], steps=steps, repeats=repeats)
             for name in names]
 
-# %% ../nbs/16_bench.ipynb #b8c5eba1
-def bench_model(name:str, # a real shape ("llava-1.5-7b", "llava-next-7b", "llava-next-13b": random weights), "testbed", "tiny-llava[-next]" or a Hub id
+# %% ../nbs/16_bench.ipynb #3e7f3ad9
+def bench_model(name:str, # a real shape (a key of `todre.flops.SHAPES`: random weights), "testbed", a tiny model's name or a Hub id
                 device="cpu", attn:str="sdpa"):
     "`(model, processor, prompt_fn)` for `todre bench`: real shapes get random weights (bf16 on CUDA, fp32 on CPU)."
-    from todre.timing import random_weights_model
+    from todre.timing import random_weights_model, prompt_template
     from todre.loading import load_model
-    if name in ("llava-1.5-7b", "llava-next-7b", "llava-next-13b"):
+    from todre.flops import SHAPES
+    if name in SHAPES:
         model, proc = random_weights_model(name, device=device, attn_implementation=attn,
                                            dtype=torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-        return model, proc, lambda q: f"USER: <image>\n{q} ASSISTANT:"
-    return load_model(name, str(device), "auto", attn)
+        return model, proc, prompt_template(model)
+    model, proc, prompt = load_model(name, str(device), "auto", attn)
+    return model, proc, prompt or prompt_template(model)
 
 SUITE = {
     "llava-next-7b": [dict(paths=("graphed",), methods=("baseline", "stage1@0.10", "stage1@0.25"), batch_sizes=(1, 8), answer_lengths=(3,)),
@@ -184,7 +184,7 @@ def efficiency_suite(out_dir, # folder for the JSON files
         if dev.type == "cuda": torch.cuda.empty_cache()
     return results
 
-# %% ../nbs/16_bench.ipynb #9ae89862
+# %% ../nbs/16_bench.ipynb #d92d1388
 def gpu_results(folder=None, # where the JSON files are (None: the ones shipped in `todre/assets/gpu`)
                ) -> dict:
     "The committed GPU measurements, by file name without `.json`."
@@ -194,8 +194,12 @@ def gpu_results(folder=None, # where the JSON files are (None: the ones shipped 
     if not files: raise FileNotFoundError(f"no GPU results (*.json) in {folder}")
     return {f.stem: json.loads(f.read_text()) for f in files}
 
-# %% ../nbs/16_bench.ipynb #e7fefb53
-_MODELS = ("testbed", "tiny-llava", "tiny-llava-next", "llava-1.5-7b", "llava-next-7b", "llava-next-13b")
+# %% ../nbs/16_bench.ipynb #e781956d
+def _models():
+    from todre.flops import SHAPES
+    from todre.models.base import tiny_names
+    return ("testbed", *tiny_names(), *SHAPES)
+_MODELS = _models()
 
 def add_bench_parser(sub):
     "Add the `bench` sub-command to the `todre` parser."
