@@ -21,7 +21,51 @@ PIVOT_STRATEGIES = ("cls", "random", "center", "farthest")
 SELECTORS = ("maxsum", "kcenter", "cls_topk", "random", "pool")
 IMPLS = ("auto", "loop", "fused")
 
-# %% ../nbs/01_diversity.ipynb #e72003e3
+# %% ../nbs/01_diversity.ipynb #67ecf275
+def select_diverse(
+    feats:Tensor, # (n, d) or (B, n, d) token features, any float dtype
+    k:Union[int,Tensor], # tokens to keep: an int, or a (B,) integer tensor for a per-sample budget
+    *,
+    objective:str="maxsum", # "maxsum" (ToDRE v2, Eq. 4-7) or "kcenter" (v1, farthest-first traversal)
+    pivot:Union[int,Tensor]=0, # index of the first kept token: an int or a (B,) integer tensor
+    mask:Optional[Tensor]=None, # (n,) or (B, n) bool, True where a token may be kept
+    impl:str="auto", # "loop" (PyTorch), "fused" (Triton kernel, `todre.fast`), "auto" (fused for CUDA tensors when Triton is there)
+)->Tensor: # kept indices, ascending: (k,) or (B, k); (B, max k) padded with -1 for a per-sample k
+    "Greedily keep `k` mutually dissimilar tokens (cosine), starting from `pivot`."
+    if objective not in OBJECTIVES: raise ValueError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
+    if impl not in IMPLS: raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
+    x, unbatched = _as_batch(feats)
+    B, n, _ = x.shape
+    cand = _candidates(mask, B, n, unbatched, x.device)
+    ks, per_sample = _budget(k, cand, unbatched)
+    piv, _ = _per_sample(pivot, "pivot", B, unbatched, x.device)
+    if ((piv < 0) | (piv >= n)).any(): raise ValueError(f"`pivot` must lie in [0, {n}), got {piv.tolist() if not unbatched else int(piv[0])}")
+    if not cand.gather(1, piv[:, None]).all(): raise ValueError("`pivot` must be a candidate token (mask is False at the pivot)")
+    raw = x.detach()
+    maxsum = objective == "maxsum"
+    # maxsum: running sum of cosine similarity, minimised; kcenter: running min of cosine distance, maximised
+    blocked = math.inf if maxsum else -math.inf
+    score = torch.zeros(B, n, device=x.device) if maxsum else torch.full((B, n), math.inf, device=x.device)
+    score = score.masked_fill(~cand, blocked)
+    kmax, rows = int(ks.max()), torch.arange(B, device=x.device)
+    if impl == "fused" or (impl == "auto" and raw.is_cuda and n <= MAX_FUSED_TOKENS and _triton()):
+        from todre.kernels import greedy_fused
+        return _finish(greedy_fused(raw, score, piv, ks, kmax, maxsum), ks, per_sample, unbatched)
+    x = _unit_rows(raw)
+    copies = _duplicate_of(raw)      # exact copies (LLaVA-NeXT's newline tokens) share one score, so ties go by index
+    sel = torch.full((B, kmax), -1, dtype=torch.long, device=x.device)
+    chosen = piv
+    for t in range(kmax):
+        if t: chosen = score.argmin(1) if maxsum else score.argmax(1)   # ties: first (lowest) index
+        sel[:, t] = torch.where(t < ks, chosen, -1)
+        if t == kmax - 1: break
+        sim = torch.bmm(x, x[rows, chosen][:, :, None])[..., 0]         # (B, n) cosine to the new token
+        if copies is not None: sim = sim.gather(1, copies)
+        score = score + sim if maxsum else torch.minimum(score, 1 - sim)
+        score[rows, chosen] = blocked
+    return _finish(sel, ks, per_sample, unbatched)
+
+# %% ../nbs/01_diversity.ipynb #809cbb8d
 def _as_batch(feats):
     "Check `feats` is a float (n, d) or (B, n, d) tensor; return it as (B, n, d) and whether it was unbatched."
     if not isinstance(feats, Tensor): raise ValueError(f"`feats` must be a torch.Tensor, got {type(feats).__name__}")
@@ -92,51 +136,7 @@ def _finish(sel, ks, per_sample, unbatched):
     sel = torch.where(sel == n_big, -1, sel)
     return sel[0] if unbatched else sel
 
-# %% ../nbs/01_diversity.ipynb #1b777db2
-def select_diverse(
-    feats:Tensor, # (n, d) or (B, n, d) token features, any float dtype
-    k:Union[int,Tensor], # tokens to keep: an int, or a (B,) integer tensor for a per-sample budget
-    *,
-    objective:str="maxsum", # "maxsum" (ToDRE v2, Eq. 4-7) or "kcenter" (v1, farthest-first traversal)
-    pivot:Union[int,Tensor]=0, # index of the first kept token: an int or a (B,) integer tensor
-    mask:Optional[Tensor]=None, # (n,) or (B, n) bool, True where a token may be kept
-    impl:str="auto", # "loop" (PyTorch), "fused" (Triton kernel, `todre.fast`), "auto" (fused for CUDA tensors when Triton is there)
-)->Tensor: # kept indices, ascending: (k,) or (B, k); (B, max k) padded with -1 for a per-sample k
-    "Greedily keep `k` mutually dissimilar tokens (cosine), starting from `pivot`."
-    if objective not in OBJECTIVES: raise ValueError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
-    if impl not in IMPLS: raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
-    x, unbatched = _as_batch(feats)
-    B, n, _ = x.shape
-    cand = _candidates(mask, B, n, unbatched, x.device)
-    ks, per_sample = _budget(k, cand, unbatched)
-    piv, _ = _per_sample(pivot, "pivot", B, unbatched, x.device)
-    if ((piv < 0) | (piv >= n)).any(): raise ValueError(f"`pivot` must lie in [0, {n}), got {piv.tolist() if not unbatched else int(piv[0])}")
-    if not cand.gather(1, piv[:, None]).all(): raise ValueError("`pivot` must be a candidate token (mask is False at the pivot)")
-    raw = x.detach()
-    maxsum = objective == "maxsum"
-    # maxsum: running sum of cosine similarity, minimised; kcenter: running min of cosine distance, maximised
-    blocked = math.inf if maxsum else -math.inf
-    score = torch.zeros(B, n, device=x.device) if maxsum else torch.full((B, n), math.inf, device=x.device)
-    score = score.masked_fill(~cand, blocked)
-    kmax, rows = int(ks.max()), torch.arange(B, device=x.device)
-    if impl == "fused" or (impl == "auto" and raw.is_cuda and n <= MAX_FUSED_TOKENS and _triton()):
-        from todre.kernels import greedy_fused
-        return _finish(greedy_fused(raw, score, piv, ks, kmax, maxsum), ks, per_sample, unbatched)
-    x = _unit_rows(raw)
-    copies = _duplicate_of(raw)      # exact copies (LLaVA-NeXT's newline tokens) share one score, so ties go by index
-    sel = torch.full((B, kmax), -1, dtype=torch.long, device=x.device)
-    chosen = piv
-    for t in range(kmax):
-        if t: chosen = score.argmin(1) if maxsum else score.argmax(1)   # ties: first (lowest) index
-        sel[:, t] = torch.where(t < ks, chosen, -1)
-        if t == kmax - 1: break
-        sim = torch.bmm(x, x[rows, chosen][:, :, None])[..., 0]         # (B, n) cosine to the new token
-        if copies is not None: sim = sim.gather(1, copies)
-        score = score + sim if maxsum else torch.minimum(score, 1 - sim)
-        score[rows, chosen] = blocked
-    return _finish(sel, ks, per_sample, unbatched)
-
-# %% ../nbs/01_diversity.ipynb #ba5a06e0
+# %% ../nbs/01_diversity.ipynb #451ce468
 def _scores_batch(v, name, B, n, unbatched):
     "Check a per-token score tensor `v` ((n,) or (B, n)) against the token layout; return it as (B, n) fp32."
     if not isinstance(v, Tensor) or not v.is_floating_point():
@@ -163,7 +163,7 @@ def _uniform_scores(B, n, seed, device):
     g = torch.Generator().manual_seed(int(seed))
     return torch.rand(n, generator=g).expand(B, n).to(device)
 
-# %% ../nbs/01_diversity.ipynb #67bd2a80
+# %% ../nbs/01_diversity.ipynb #cb7aec33
 def pick_pivot(
     feats:Optional[Tensor]=None, # (n, d) or (B, n, d) token features (for "center"/"farthest")
     cls_attn:Optional[Tensor]=None, # (n,) or (B, n) [CLS]->patch attention (for "cls")
@@ -190,7 +190,7 @@ def pick_pivot(
     piv = score.masked_fill(~cand, -math.inf).argmax(1)
     return piv[0] if unbatched else piv
 
-# %% ../nbs/01_diversity.ipynb #0d8f094b
+# %% ../nbs/01_diversity.ipynb #637b9e21
 def _top_k(score, ks, per_sample, unbatched):
     "Indices of the `ks[b]` highest scores per row (blocked entries are -inf), in the layout `_finish` expects."
     kmax = int(ks.max())
@@ -202,7 +202,7 @@ def _evenly(m, k):
     "`k` distinct, evenly spread positions in range(m) (k <= m): the centres of k equal bins."
     return [(2 * i + 1) * m // (2 * k) for i in range(k)]
 
-# %% ../nbs/01_diversity.ipynb #ef5bdca6
+# %% ../nbs/01_diversity.ipynb #62e11e63
 def grid_pool_indices(
     h:int, w:int, # token grid: h rows, w columns, raster (row-major) order
     k:int, # tokens to keep, 1 <= k <= h*w
@@ -215,7 +215,7 @@ def grid_pool_indices(
     cells = [r * w + c for r in _evenly(h, rows) for c in _evenly(w, cols)]
     return [cells[i] for i in _evenly(len(cells), k)]          # trim evenly to exactly k
 
-# %% ../nbs/01_diversity.ipynb #e24ee309
+# %% ../nbs/01_diversity.ipynb #f440abfe
 def select_tokens(
     method:str, # one of `SELECTORS`
     feats:Tensor, # (n, d) or (B, n, d) token features
