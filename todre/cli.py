@@ -11,15 +11,22 @@ from .config import ToDREConfig, SELECTOR_NAMES, PIVOTS, NEWLINE_MODES, POSITION
 from .loading import load_model, load_image, load_video, make_inputs
 
 # %% auto #0
-__all__ = ['build_parser', 'config_from_args', 'demo', 'main']
+__all__ = ['HelpFormatter', 'build_parser', 'config_from_args', 'demo', 'main']
 
-# %% ../nbs/07_cli.ipynb #a4be4494
+# %% ../nbs/07_cli.ipynb #e0f0670a
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    "Help that shows each option's default once, and none for options whose default is 'not given'."
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in h: return h
+        return super()._get_help_string(action)
+
 def build_parser() -> argparse.ArgumentParser:
     "The `todre` command-line parser."
     p = argparse.ArgumentParser(prog="todre", description="ToDRE visual-token pruning for Hugging Face VLMs.")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="run ToDRE on one image and prompt, offline by default",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=HelpFormatter,
                        description="Run the unmodified model and ToDRE on one image and prompt; print tokens kept per stage "
                                    "and per layer, the stage-2 attention ratios and times; save a map of the kept tokens.")
     from todre.models.base import tiny_names
@@ -56,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     from todre.bench import add_bench_parser
     from todre.notebooks import add_notebooks_parser
     from todre.site import add_site_parser
-    add_bench_parser(sub); add_notebooks_parser(sub); add_site_parser(sub)
+    p.bench_parser = add_bench_parser(sub, HelpFormatter); add_notebooks_parser(sub); add_site_parser(sub)
     return p
 
 def config_from_args(a) -> ToDREConfig:
@@ -121,7 +128,9 @@ def demo(cfg:ToDREConfig|None=None, # what ToDRE does (paper defaults when None)
         if st.decode_kv_tokens:
             say("keys per layer at the last decoding step: " + " ".join(str(int(x)) for x in st.decode_kv_tokens[-1][:, 0]))
         say(f"answer (unpruned): {decode(base)!r}\nanswer (ToDRE):    {decode(pruned)!r}")
-        say(f"time: generate {max_new_tokens} tokens: unpruned {t_base * 1e3:.1f} ms, ToDRE {t_todre * 1e3:.1f} ms "
+        n_base, n_todre = base.shape[1] - n_prompt, pruned.shape[1] - n_prompt
+        made = f"{n_base} tokens" if n_base == n_todre else f"{n_base} and {n_todre} tokens"
+        say(f"time: generate (up to {max_new_tokens} new tokens; made {made}): unpruned {t_base * 1e3:.1f} ms, ToDRE {t_todre * 1e3:.1f} ms "
             f"(vision {st.seconds['vision'] * 1e3:.1f} ms, selection {st.seconds['select'] * 1e3:.1f} ms)")
         ad = get_adapter(m)
         if out and (ad.family not in ("llava", "llava_next") or inputs.get("pixel_values") is None):
@@ -156,7 +165,8 @@ def main(argv=None):
         except (ValueError, TypeError, FileNotFoundError, NotImplementedError) as e: p.demo_parser.error(str(e))
     elif a.command == "bench":
         from todre.bench import run_bench
-        run_bench(a)
+        try: run_bench(a)
+        except (ValueError, FileNotFoundError) as e: p.bench_parser.error(str(e))
     elif a.command == "notebooks":
         from todre.notebooks import run_notebooks
         try: run_notebooks(a)
