@@ -207,7 +207,7 @@ def test_stage2_ratios_equal_eq8_on_eager_attention(prompt, llava_eager, images)
     assert (v2t > 0).all() == (n_img == 2)
 
 def test_static_cache(llava, images):
-    "Stage 1 works with a static cache; stage 2 needs a dynamic one and says so."
+    "Stage 1 works with a static cache; other cache types with stage 2 are refused with the reason."
     model, proc = llava
     inputs = _inputs(proc, images[:1], PROMPTS[:1])
     with apply_todre(model, retain=0.1, stage2=False) as h:
@@ -215,9 +215,11 @@ def test_static_cache(llava, images):
             static = model.generate(**inputs, max_new_tokens=3, do_sample=False, cache_implementation="static")
             dynamic = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert torch.equal(static, dynamic)
+    from transformers import DynamicCache
     with apply_todre(model, tau=1.0):
-        with pytest.raises(NotImplementedError, match="needs a DynamicCache"):
-            model.generate(**inputs, max_new_tokens=2, cache_implementation="static")
+        class OtherCache(DynamicCache): pass
+        with pytest.raises(NotImplementedError, match="a DynamicCache and a StaticCache"):
+            model(**inputs, cache=OtherCache(config=model.config.text_config))
 
 @pytest.mark.parametrize("tau,stage2", [(0.0, True), (1.0, True), (None, False)])
 def test_decoding_steps_carry_hooks_only_where_the_cache_was_shortened(llava, images, tau, stage2):
@@ -238,3 +240,22 @@ def test_decoding_steps_carry_hooks_only_where_the_cache_was_shortened(llava, im
     finally: probe.remove()
     assert seen[0] == 2 * len(layers) and n_steps == 3
     assert seen[1:] == [after if tau == 1.0 else 0] * 3
+
+@pytest.mark.parametrize("tau", [1.0, 0.0])
+def test_static_cache_generation_equals_dynamic_with_stage2(llava, images, tau):
+    "Full ToDRE with `cache_implementation='static'`: the layers after the check fill fewer slots of their buffer, same tokens."
+    model, proc = llava
+    batch = proc(images=images, text=PROMPTS, return_tensors="pt", padding=True)
+    with apply_todre(model, retain=0.25, tau=tau) as h:
+        with torch.no_grad():
+            a = model.generate(**batch, max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+            s = model.generate(**batch, max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                               cache_implementation="static")
+        fired, L = h.stats.stage2_fired, h.check_layer
+    assert type(s.past_key_values).__name__ == "StaticCache"
+    assert s.sequences.tolist() == a.sequences.tolist()
+    assert (torch.stack(a.logits) - torch.stack(s.logits)).abs().max() <= 1e-4
+    filled = [int(layer.cumulative_length) for layer in s.past_key_values.layers]
+    assert bool(fired.all()) == (tau == 1.0)
+    if tau == 1.0: assert all(f < filled[0] for f in filled[L + 1:]) and filled[:L + 1] == [filled[0]] * (L + 1)
+    else: assert filled == [filled[0]] * len(filled)

@@ -317,10 +317,13 @@ def prune_inputs(self:ToDREHandle, kw:dict, # keyword inputs of forward/generate
                        positions=index.masked_fill(~valid, -1).cpu())
     return new, stats
 
-# %% ../nbs/05_core.ipynb #9a240864
+# %% ../nbs/05_core.ipynb #ee920d11
 @patch
 def _begin_prefill(self:ToDREHandle, kw):
     ids, mask = kw["input_ids"], kw.get("attention_mask")
+    if mask is not None and mask.dim() != 2:             # a static cache's 4-D mask: the prompt's own 2-D one says who is real
+        mask = self._prompt_mask if getattr(self, "_prompt_mask", None) is not None and self._prompt_mask.shape == ids.shape else None
+    self._prompt_mask = mask
     self.pruner.begin_prefill(token_types(self.adapter.visual_mask(ids), mask))
 
 @patch
@@ -345,9 +348,9 @@ def _check_attentions(self:ToDREHandle, kw):
 @patch
 def _check_cache(self:ToDREHandle, kw):
     c = kw.get("cache", kw.get("past_key_values"))
-    if c is not None and self.pruner.deciders and type(c).__name__ != "DynamicCache":
-        raise NotImplementedError(f"stage 2 drops tokens from the KV cache of deeper layers, which needs a DynamicCache; "
-                                  f"got {type(c).__name__} (use the default cache, or stage2=False)")
+    if c is not None and self.pruner.deciders and type(c).__name__ not in ("DynamicCache", "StaticCache"):
+        raise NotImplementedError(f"stage 2 keeps a shorter KV cache in deeper layers, which todre does for a DynamicCache "
+                                  f"and a StaticCache; got {type(c).__name__} (use one of those, or stage2=False)")
 
 # %% ../nbs/05_core.ipynb #708ee61a
 @patch
@@ -409,8 +412,12 @@ def _forward_locked(self:ToDREHandle, *args, **kwargs):
         self._begin_prefill(kw)
     else:
         m = self._decode_mask(kw)
-        if m is not None: kw["attention_mask"] = m
-        if m is None: m = torch.ones(kw["input_ids"].shape[0], _cache_len(kw) + kw["input_ids"].shape[1], dtype=torch.long)
+        if m is not None and m.dim() == 2: kw["attention_mask"] = m
+        else:                                             # no 2-D mask (a static cache's 4-D one): prompt, then the new tokens
+            n = _cache_len(kw) + kw["input_ids"].shape[1]
+            p = getattr(self, "_prompt_mask", None)
+            m = torch.ones(kw["input_ids"].shape[0], n, dtype=torch.long, device=kw["input_ids"].device)
+            if p is not None and p.shape[1] <= n: m[:, :p.shape[1]] = p
         self.pruner.begin_decode(m)
     try: return self._orig_forward(**kw)
     finally: self._finish()
@@ -433,6 +440,7 @@ def _generate_locked(self:ToDREHandle, *args, **kwargs):
                          "conversation with its images again (ToDRE prunes it afresh), or handle.remove() first")
     orig_ids = kw["input_ids"] if "input_ids" in kw else None
     new, self.stats = self.prune_inputs(kw, generate=True)
+    self._prompt_mask = new["attention_mask"]
     if self.stage2: self.stage2.alpha_t2v = None
     self.pruner.reset_decode_stats()
     self._in_generate = True

@@ -10,8 +10,8 @@ from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['PAD', 'SYSTEM', 'VISUAL', 'TEXT', 'TOKEN_GROUPS', 'ATTACHED_COPY_MSG', 'token_types', 'cross_modal_ratios',
-           'attention_rows', 'compaction_index', 'packed_prefill_mask', 'packed_decode_mask', 'AttachedHook',
-           'LayerView', 'DecoderPruner']
+           'attention_rows', 'compaction_index', 'packed_prefill_mask', 'packed_decode_mask', 'static_width',
+           'widen_mask', 'AttachedHook', 'LayerView', 'DecoderPruner']
 
 # %% ../nbs/04_decoder.ipynb #d7ae2244
 PAD, SYSTEM, VISUAL, TEXT = 0, 1, 2, 3
@@ -100,7 +100,29 @@ def packed_decode_mask(key_valid:torch.Tensor, # (B, Lc) bool: the packed prefil
     if "flash" in impl: return allowed.long()
     return _as_backend(allowed[:, None, None, :], impl, dtype)
 
-# %% ../nbs/04_decoder.ipynb #b13cd531
+# %% ../nbs/04_decoder.ipynb #992c93af
+def static_width(kwargs:dict, # the keyword arguments a decoder layer receives
+                 j:int, # the layer's index
+                ) -> int|None:
+    "The buffer length of layer `j`'s static KV cache, or None when its cache grows (`DynamicCache`) or there is none."
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    layers = getattr(cache, "layers", None)
+    if not layers or j >= len(layers): return None
+    layer = layers[j]
+    if getattr(layer, "is_sliding", False) or not hasattr(layer, "max_cache_len") or not hasattr(layer, "cumulative_length"): return None
+    return int(layer.max_cache_len)
+
+def widen_mask(mask:torch.Tensor, # a packed mask from `packed_prefill_mask` / `packed_decode_mask`
+               width:int, # the static buffer's length
+              ) -> torch.Tensor:
+    "The mask with masked-out key columns appended up to `width` (bool: False; additive: the dtype's minimum; flash: 0)."
+    extra = width - mask.shape[-1]
+    if extra < 0: raise ValueError(f"the static cache holds {width} positions but this layer needs {mask.shape[-1]}")
+    if extra == 0: return mask
+    fill = False if mask.dtype == torch.bool else 0 if not mask.is_floating_point() else torch.finfo(mask.dtype).min
+    return torch.cat([mask, mask.new_full((*mask.shape[:-1], extra), fill)], -1)
+
+# %% ../nbs/04_decoder.ipynb #54979027
 def _gather_positions(pos:torch.Tensor, # (B, L) or (1, L) position ids, or (R, B, L) with R rows (M-RoPE)
                       index:torch.Tensor, # (B, Lc) gather index
                      ) -> torch.Tensor:
@@ -186,7 +208,7 @@ class DecoderPruner:
     @property
     def dropped_any(self): return any(k is not None for k in self.layer_keys)
 
-# %% ../nbs/04_decoder.ipynb #397fd998
+# %% ../nbs/04_decoder.ipynb #07fa0651
 @patch
 def begin_prefill(self:DecoderPruner, types:torch.Tensor # (B, L) token groups of the sequence the LM receives
                  ):
@@ -238,7 +260,7 @@ def reset_decode_stats(self:DecoderPruner):
     "Forget the per-step key counts (a new generation starts)."
     self._kv_steps, self._kv_cpu = [], []
 
-# %% ../nbs/04_decoder.ipynb #dbb91372
+# %% ../nbs/04_decoder.ipynb #b4b04071
 @patch
 def _types_now(self:DecoderPruner):
     if self.index is None: return self.types
@@ -286,7 +308,9 @@ def _pre_hook(self:DecoderPruner, j):
         self.prefill_tokens[j] = self.valid.sum(1)
         self.layer_keys[j] = None if self.index is None else self.valid
         if self.index is not None:
-            kwargs.update(attention_mask=self.mask, position_embeddings=self._packed_pe(kwargs.get("position_embeddings")))
+            width = static_width(kwargs, j)
+            mask = self.mask if width is None else widen_mask(self.mask, width)
+            kwargs.update(attention_mask=mask, position_embeddings=self._packed_pe(kwargs.get("position_embeddings")))
             if self.pos is not None: kwargs["position_ids"] = self.pos
         self.view_in = (hidden, kwargs.get("position_embeddings"))
         if args: args = (hidden,) + tuple(args[1:])
@@ -300,10 +324,12 @@ def _decode_hook(self:DecoderPruner, j):
     keys = self.layer_keys[j]
     def hook(mod, args, kwargs):
         if self.phase != "decode" or self.attn2d is None: return None
-        m = self._step_masks.get(id(keys))
+        width = static_width(kwargs, j)
+        m = self._step_masks.get((id(keys), width))
         if m is None:
             hidden = args[0] if args else kwargs["hidden_states"]
-            m = self._step_masks[id(keys)] = packed_decode_mask(keys, self.attn2d[:, self.L:], self.impl(), hidden.dtype)
+            m = packed_decode_mask(keys, self.attn2d[:, self.L:], self.impl(), hidden.dtype)
+            m = self._step_masks[(id(keys), width)] = m if width is None else widen_mask(m, width)
         kwargs["attention_mask"] = m
         return args, kwargs
     return hook
