@@ -8,8 +8,8 @@ import json, os, re, subprocess, sys, time
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['EXECUTED_MARK', 'cell_flags', 'skip_flags', 'project_root', 'notebook_paths', 'executed_note', 'execute_notebook',
-           'execute_notebooks', 'add_notebooks_parser', 'run_notebooks']
+__all__ = ['EXECUTED_MARK', 'README_FIGURES', 'cell_flags', 'skip_flags', 'project_root', 'notebook_paths', 'executed_note',
+           'execute_notebook', 'execute_notebooks', 'export_figures', 'add_notebooks_parser', 'run_notebooks']
 
 # %% ../nbs/21_notebooks.ipynb #4b78b2f5
 _DIRECTIVE = re.compile(r"^\s*#\s*\|\s*([\w-]+)")
@@ -133,7 +133,27 @@ def execute_notebooks(paths=None, # notebooks or folders (default: all of `nbs/`
             res.append(r); bar.update(); bar.set_postfix_str(f"{Path(r['notebook']).name} {r['seconds']:.0f}s")
     return sorted(res, key=lambda r: ("error" in r, r["notebook"]))
 
-# %% ../nbs/21_notebooks.ipynb #412fda45
+# %% ../nbs/21_notebooks.ipynb #468e5f87
+README_FIGURES = {"figures/token_maps.png": ("paper/01_fig1_token_maps", 0),       # kept tokens: [CLS] top-k vs ToDRE
+                  "figures/information_migration.png": ("paper/02_fig2_information_migration", 0),   # α curves, knockout
+                  "figures/efficiency.png": ("paper/10_efficiency", 0)}          # speed-ups from the committed GPU runs
+
+def export_figures(figures:dict|None=None, # output path -> (notebook under nbs/, index of the PNG among its outputs)
+                   root=None) -> list[str]:
+    "Copy PNG outputs of executed notebooks to the files the README shows; returns those written (a notebook without outputs is skipped)."
+    import base64
+    root = Path(root) if root is not None else project_root()
+    written = []
+    for out, (nb, i) in (README_FIGURES if figures is None else figures).items():
+        cells = json.loads((root / "nbs" / f"{nb}.ipynb").read_text())["cells"]
+        pngs = [o["data"]["image/png"] for c in cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+        if len(pngs) <= i: continue
+        data = pngs[i] if isinstance(pngs[i], str) else "".join(pngs[i])
+        dest = root / out; dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(base64.b64decode(data)); written.append(out)
+    return written
+
+# %% ../nbs/21_notebooks.ipynb #c6cfe7b3
 def add_notebooks_parser(sub):
     "Add the `notebooks` sub-command to the `todre` parser."
     p = sub.add_parser("notebooks", help="execute the notebooks in place, keeping their outputs",
@@ -156,5 +176,7 @@ def run_notebooks(a):
     bad = [r for r in res if "error" in r]
     for r in bad: print(f"\n{r['notebook']}:\n" + "\n".join(r["error"]), file=sys.stderr)
     print(f"{len(res) - len(bad)} executed, {len(bad)} failed, {sum(r['seconds'] for r in res):.0f} s in all")
+    figs = export_figures()
+    if figs: print("README figures: " + ", ".join(figs))
     if bad: sys.exit(1)
     return res
