@@ -9,10 +9,22 @@ from dataclasses import dataclass
 import torch
 
 # %% auto #0
-__all__ = ['FAMILIES', 'cls_attention', 'ImageTokens', 'Adapter', 'Family', 'supported_models', 'tiny_names', 'find_family',
-           'get_adapter', 'tiny_model', 'tiny_inputs', 'tiny_video_inputs']
+__all__ = ['FAMILIES', 'layer_input', 'cls_attention', 'ImageTokens', 'Adapter', 'Family', 'supported_models', 'tiny_names',
+           'find_family', 'get_adapter', 'tiny_model', 'tiny_inputs', 'tiny_video_inputs']
 
-# %% ../../nbs/models/00_base.ipynb #ce998a8f
+# %% ../../nbs/models/00_base.ipynb #c6e13494
+def layer_input(layer:torch.nn.Module, # the module whose input to catch
+                fn, # a function without arguments that runs it (e.g. the model's `get_image_features`)
+               ) -> tuple: # (what `fn` returned, the hidden states that last entered `layer`, or None)
+    "Run `fn()` and catch the hidden states entering `layer` meanwhile."
+    seen = {}
+    def grab(mod, args, kwargs): seen["h"] = args[0] if args else kwargs["hidden_states"]
+    h = layer.register_forward_pre_hook(grab, with_kwargs=True)
+    try: out = fn()
+    finally: h.remove()
+    return out, seen.get("h")
+
+# %% ../../nbs/models/00_base.ipynb #546c7f3b
 def cls_attention(layer:torch.nn.Module, # one encoder layer of a ViT with a [CLS] token first
                   hidden:torch.Tensor, # (N, 1 + P, D) input hidden states of that layer, [CLS] first
                   norm:str="layer_norm1", # attribute of the layer: the norm before attention
@@ -33,7 +45,7 @@ def cls_attention(layer:torch.nn.Module, # one encoder layer of a ViT with a [CL
     probs = (q.float() @ k.float().transpose(-1, -2) * scale).softmax(-1)    # (N, nh, 1, T)
     return probs.mean(1)[:, 0, 1:]
 
-# %% ../../nbs/models/00_base.ipynb #d93930ad
+# %% ../../nbs/models/00_base.ipynb #8ad7fbbf
 @dataclass
 class ImageTokens:
     "The visual tokens of one image (or one video) as the language model will see them, with what stage 1 needs to select among them."
@@ -54,7 +66,7 @@ class ImageTokens:
     @property
     def n_frames(self): return 1 if self.frame is None else int(self.frame.max()) + 1
 
-# %% ../../nbs/models/00_base.ipynb #63d847c9
+# %% ../../nbs/models/00_base.ipynb #09bde863
 class Adapter:
     "The adapter protocol, with the defaults shared by the LLaVA-style families. Subclass it for a new family."
     model_classes:tuple = () # class names of the models this adapter serves
@@ -159,7 +171,7 @@ class Adapter:
             raise NotImplementedError(f"{type(self.model).__name__} uses sliding-window attention layers; stage 2's packed "
                                       "layers would need one mask per layer type (use stage2=False)")
 
-# %% ../../nbs/models/00_base.ipynb #490766e2
+# %% ../../nbs/models/00_base.ipynb #7b5bf953
 @dataclass(frozen=True)
 class Family:
     "One model family: where its adapter and its tiny stand-in live."
