@@ -2,9 +2,11 @@
 
 CI reaches neither the paper's checkpoints nor its benchmarks, so `nbdev_test` skips these cells. Here each cell's own
 code runs with the tiny random-weight model of the checkpoint's family (`todre.models.base.tiny_names()`: LLaVA-NeXT,
-LLaVA-NeXT-Video, Qwen2.5-VL, InternVL) in place of the checkpoint, and sample images (or a few of them as the frames of a
-video) in place of the benchmark rows: that checks the cells would run on the real models (names, APIs, AnyRes, tiles,
-video inputs, settings that depend on the model's depth), not their numbers.
+LLaVA-NeXT-Video, Qwen2.5-VL, InternVL) in place of the checkpoint, and the offline lmms-eval scenes task
+(`todre.lmms_eval.scenes_task`, one question per setting) in place of lmms-eval's MME, ScienceQA-IMG, GQA and POPE
+tasks; sample images (or a few of them as the frames of a video) stand in for the video benchmarks' rows. That checks the
+cells would run on the real models (names, APIs, AnyRes, tiles, video inputs, settings that depend on the model's
+depth, the lmms-eval run and its results table), not their numbers.
 """
 import ast, json
 from pathlib import Path
@@ -14,8 +16,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pytest
 
+pytest.importorskip("lmms_eval")
+
 import todre.cli, todre.evaluate, todre.loading
-from todre.models.base import tiny_names
+from todre.config import ToDREConfig
+from todre.lmms_eval import MAIN_METRICS, scenes_task
+from todre.models.base import tiny_names, get_adapter
 from todre.timing import prompt_template
 from todre.tiny import sample_image
 
@@ -49,17 +55,6 @@ def definitions_only(src):
     return bool(body) and all(isinstance(n, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef)) or _constant(n) for n in body)
 
 
-def fake_benchmark(name, n=None, seed=0, progress=True):
-    "One row of `name` in the form `todre.evaluate.load_benchmark` returns."
-    img, short = sample_image("coffee"), todre.evaluate._SHORT
-    if name == "mme":
-        return [dict(image=img, question="Is there a cup in the image?" + short, answer="Yes", image_id="coffee", category="existence")]
-    if name == "scienceqa":
-        q = "Which object is shown?\nA. a cup\nB. a dog\nAnswer with the option's letter from the given choices directly."
-        return [dict(image=img, question=q, answer="A")]
-    return [dict(image=img, question="Is there a cup in the image?" + short, answer="yes")]
-
-
 def fake_video_benchmark(name, n=None, frames=20, seed=0, root=None):
     "One multiple-choice row of a video benchmark, in the form the Table 2 notebook's `load_video_benchmark` returns."
     video = [sample_image(s).resize((112, 112)) for s in ("coffee", "astronaut", "chelsea", "rocket")]
@@ -67,10 +62,23 @@ def fake_video_benchmark(name, n=None, frames=20, seed=0, root=None):
                  "from the given choices directly.", answer="A")]
 
 
+@pytest.fixture(scope="module")
+def scenes_tasks(tmp_path_factory):
+    "The offline scenes task and an lmms-eval task index that includes it (building the index takes a while)."
+    from lmms_eval.tasks import TaskManager
+    d = tmp_path_factory.mktemp("lmms_tasks")
+    scenes_task(d, n_scenes=1)
+    return TaskManager("WARNING", include_path=str(d))
+
+
 @pytest.fixture
-def offline_hub(monkeypatch):
+def offline_hub(monkeypatch, scenes_tasks):
     "Stand-ins for the Hub; yields the model names the cells asked for."
     real, asked = todre.loading.load_model, []
+    real_run = todre.evaluate.lmms_eval_run
+    def lmms_eval_run(model_id, cfg=None, tasks=None, limit=None, device=None, seed=0, **kwargs):
+        "The real lmms-eval run, on one question of the scenes task instead of the paper's benchmarks."
+        return real_run(model_id, cfg, ("todre_scenes",), limit=1, device="cpu", seed=seed, task_manager=scenes_tasks)
     def load_model(model="testbed", device="cpu", **kwargs):
         asked.append(model)
         name = HUB_IDS.get(model, model)
@@ -80,7 +88,11 @@ def offline_hub(monkeypatch):
         return m, proc, prompt
     monkeypatch.setattr(todre.cli, "load_model", load_model)
     monkeypatch.setattr(todre.loading, "load_model", load_model)
-    monkeypatch.setattr(todre.evaluate, "load_benchmark", fake_benchmark)
+    monkeypatch.setattr(todre.evaluate, "lmms_eval_run", lmms_eval_run)
+    monkeypatch.setattr(todre.evaluate, "decoder_layers",        # the stand-in's depth, without counting as a model the cell asked for
+                        lambda model_id: get_adapter(real(HUB_IDS.get(model_id, model_id), device="cpu")[0]).n_layers)
+    real_samples = todre.evaluate.task_samples
+    monkeypatch.setattr(todre.evaluate, "task_samples", lambda task, n=1, **kwargs: real_samples("todre_scenes", n, task_manager=scenes_tasks))
     yield asked
     plt.close("all")
 
@@ -109,11 +121,18 @@ def test_hub_cells_run_offline(name, offline_hub, monkeypatch):
     assert offline_hub and set(offline_hub) == NOTEBOOKS[name]   # every hub cell loaded the paper's checkpoint (or its stand-in)
 
 
-def test_hub_ablation_rows_per_benchmark(offline_hub, monkeypatch):
+def test_hub_ablation_runs_lmms_eval_per_setting(monkeypatch):
+    "Each setting is one lmms-eval run on the paper's tasks with `n` as lmms-eval's --limit; the table is `results_table`'s."
     asked = []
-    monkeypatch.setattr(todre.evaluate, "load_benchmark", lambda b, n=None, **kwargs: asked.append((b, n)) or [])
-    monkeypatch.setattr(todre.evaluate, "ablation_scores", lambda model, processor, settings, data, **kwargs: data)
-    for n in (500, None):
-        todre.evaluate.hub_ablation([("unpruned", 1.0, None)], n=n, progress=False)
-    assert asked == [("mme", 250), ("scienceqa", 500), ("gqa", 500), ("pope", 500),    # MME: n // 2 images, both questions
-                     ("mme", None), ("scienceqa", None), ("gqa", None), ("pope", None)]
+    def run(model_id, cfg=None, tasks=None, limit=None, **kwargs):
+        asked.append((model_id, cfg, tuple(tasks), limit))
+        acc = 80.0 if cfg is None else 60.0
+        return dict(results={t: {f"{MAIN_METRICS[t]},none": acc, "alias": t} for t in tasks},
+                    throughput=dict(avg_todre_kept_tokens=576.0 if cfg is None else 58.0))
+    monkeypatch.setattr(todre.evaluate, "lmms_eval_run", run)
+    cfg = ToDREConfig(retain=0.1)
+    t = todre.evaluate.hub_ablation([("unpruned", 1.0, None), ("todre, 10%", 0.1, cfg)], "some/model", n=7, progress=False)
+    tasks = ("mme", "scienceqa_img", "gqa", "pope")
+    assert asked == [("some/model", None, tasks, 7), ("some/model", cfg, tasks, 7)]
+    assert list(t.columns[:4]) == list(tasks) and t.loc["todre, 10%", "relative_%"] == 75.0
+    assert t.loc["todre, 10%", "kept_tokens"] == 58.0

@@ -424,9 +424,9 @@ def results_table(runs:dict, # setting name -> results file or folder (or an alr
     scores = {name: task_scores(r) for name, r in res.items()}
     tasks = [t for t in scores[unpruned] if all(t in s for s in scores.values())]
     if not tasks: raise ValueError("the runs share no task with a score")
-    rows = []
+    base, rows = scores[unpruned], []
     for name, s in scores.items():
-        rel = relative_average(s, scores[unpruned], tasks)
+        rel = relative_average(s, base, tasks) if all(base[t] for t in tasks) else float("nan")   # nothing to be relative to
         thr = res[name].get("throughput", {})
         rows.append(dict(setting=name, **{t: s[t] for t in tasks}, **{k.replace("avg_todre_", ""): thr.get(k, float("nan")) for k in stats},
                          accuracy=rel))
