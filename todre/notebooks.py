@@ -9,7 +9,8 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['EXECUTED_MARK', 'README_FIGURES', 'cell_flags', 'skip_flags', 'project_root', 'notebook_paths', 'executed_note',
-           'execute_notebook', 'execute_notebooks', 'export_figures', 'add_notebooks_parser', 'run_notebooks']
+           'shrink_figures', 'execute_notebook', 'execute_notebooks', 'export_figures', 'add_notebooks_parser',
+           'run_notebooks']
 
 # %% ../nbs/21_notebooks.ipynb #4b78b2f5
 _DIRECTIVE = re.compile(r"^\s*#\s*\|\s*([\w-]+)")
@@ -72,6 +73,30 @@ def executed_note(seconds:float, full:bool, skipped:dict, root=None) -> str:
             f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}, transformers {transformers.__version__}, "
             f"Python {platform.python_version()}; cells not executed: {skip}.*")
 
+def _shrink_png(data:str, max_side:int=1100, max_bytes:int=150_000) -> str:
+    "A base64 PNG no wider or taller than `max_side` px (re-encoded, palette where it stays faithful), if it was larger."
+    import base64, io
+    from PIL import Image
+    raw = base64.b64decode(data)
+    if len(raw) <= max_bytes: return data
+    img = Image.open(io.BytesIO(raw))
+    img.thumbnail((max_side, max_side), Image.LANCZOS)
+    buf = io.BytesIO()
+    img.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(buf, format="PNG", optimize=True)
+    return base64.b64encode(buf.getvalue()).decode() if buf.tell() < len(raw) else data
+
+def shrink_figures(nb) -> int:
+    "Re-encode the large PNG outputs of a notebook (dict or execnb object) at a sensible size; returns how many changed."
+    n = 0
+    for c in nb["cells"]:
+        for o in c.get("outputs", []) or []:
+            d = o.get("data", {})
+            if "image/png" in d:
+                png = d["image/png"] if isinstance(d["image/png"], str) else "".join(d["image/png"])
+                new = _shrink_png(png)
+                if new != png: d["image/png"] = new; n += 1
+    return n
+
 def execute_notebook(path, # the notebook, executed and rewritten in place
                      full:bool=False, # run the `#| slow` cells too, without `IN_TEST`
                      root=None) -> dict:
@@ -90,6 +115,7 @@ def execute_notebook(path, # the notebook, executed and rewritten in place
     def skip(cell):
         if cell.cell_type != "code": return True
         if "nbdev_export" + "(" in cell.source: return True
+        if re.search(r"^\s*#\s*\|\s*eval:\s*false", cell.source, re.M | re.I): return True   # nbdev's `#| eval: false`
         hit = cell_flags(cell.source) & flags
         for f in hit: skipped[f] += 1
         return bool(hit)
@@ -105,6 +131,7 @@ def execute_notebook(path, # the notebook, executed and rewritten in place
     last = len(nb.cells)
     while last and nb.cells[last - 1].cell_type == "code" and "nbdev_export" + "(" in nb.cells[last - 1].source: last -= 1
     nb.cells.insert(last, note)
+    shrink_figures(nb)
     clean_nb(nb)
     write_nb(nb, path)
     return dict(notebook=str(path.relative_to(root)), seconds=seconds, full=full)
