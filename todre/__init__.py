@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/08_package.ipynb #7323f14c
+# %% ../nbs/08_package.ipynb #489bf546
 _LAZY = {
     "ToDREConfig": "config", "visual_budget": "config", "default_check_layer": "config",
     "select_diverse": "diversity", "pick_pivot": "diversity", "select_tokens": "diversity", "SELECTORS": "diversity",

@@ -26,7 +26,7 @@ def site_nav(nbs:Path # the `nbs/` folder
     "MkDocs navigation: the home page, then each part's notebooks in order (a folder entry takes all its notebooks)."
     have = {p.relative_to(nbs).with_suffix("").as_posix() for p in nbs.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts}
     nav, used = [{"Home": "index.md"}], set()
-    def title(stem): return json.loads((nbs / f"{stem}.ipynb").read_text()) and _title(nbs / f"{stem}.ipynb") or stem
+    def title(stem): return _title(nbs / f"{stem}.ipynb")
     for part, entries in PARTS.items():
         pages = []
         for e in entries:
