@@ -14,7 +14,8 @@ from .testbed import answer
 # %% auto #0
 __all__ = ['PAPER_TASKS', 'GROUNDING_GROUPS', 'benchmark_samples', 'majority_baseline', 'evaluate', 'seconds_per_question',
            'compare_selectors', 'relative_table', 'compare', 'model_args', 'decoder_layers', 'lmms_eval_run',
-           'hub_ablation', 'task_samples', 'grounding', 'testbed_report', 'model_card', 'package_testbed']
+           'hub_ablation', 'task_samples', 'grounding', 'testbed_report', 'accuracy_spread', 'model_card',
+           'package_testbed']
 
 # %% ../nbs/11_evaluate.ipynb #9858eb5f
 def benchmark_samples(n_scenes:int=100, # scenes to draw
@@ -258,8 +259,10 @@ def grounding(model, processor, samples:list, # `(scene, question)` pairs; those
 
 # %% ../nbs/11_evaluate.ipynb #3feb4a6b
 def testbed_report(model, processor, n_scenes:int=150, # held-out test scenes (all their questions)
-                   seed:int=0, n_speed:int=20, batch_size:int=16, progress:bool=True) -> dict:
-    "Accuracy (per family, POPE), blank-image accuracy, the majority baseline and speed of a model on the test split."
+                   seed:int=0, n_speed:int=20, batch_size:int=16, progress:bool=True,
+                   spread_blocks:int=5, # disjoint blocks of `n_scenes` test scenes (the first is this report's) for the spread of the accuracy
+                  ) -> dict:
+    "Accuracy (per family, POPE), its spread over disjoint draws of the test split, blank-image accuracy, the majority baseline and speed."
     samples = benchmark_samples(n_scenes, "test", seed)
     full = evaluate(model, processor, samples, batch_size=batch_size, progress=progress)
     blank = evaluate(model, processor, samples, blank=True, batch_size=batch_size, progress=progress)
@@ -267,18 +270,43 @@ def testbed_report(model, processor, n_scenes:int=150, # held-out test scenes (a
                 accuracy=full["accuracy"], pope=full["pope"], blank_accuracy=blank["accuracy"],
                 majority_accuracy=majority_baseline(samples),
                 seconds_per_question=seconds_per_question(model, processor, samples[:n_speed]),
-                threads=torch.get_num_threads())
+                threads=torch.get_num_threads(),
+                spread=accuracy_spread(model, processor, n_scenes, spread_blocks, seed, first=full,
+                                       batch_size=batch_size, progress=progress))
 
-def _recipe(info:dict, out:str|None=None, init:str|None=None) -> str:
-    "The `todre.testbed.train` call that produced one run: the arguments that differ from the defaults."
+def accuracy_spread(model, processor, n_scenes:int=100, # scenes per block
+                    blocks:int=5, # disjoint blocks of consecutive test scenes
+                    start:int=0, # index of the first block's first scene
+                    first:dict|None=None, # an `evaluate` result for the first block, to reuse instead of recomputing
+                    batch_size:int=16, progress:bool=True) -> dict:
+    "Unpruned accuracy on `blocks` disjoint blocks of `n_scenes` test scenes: how much a draw of the test split moves it."
+    from tqdm.auto import tqdm
+    if blocks < 1: raise ValueError(f"blocks must be at least 1, got {blocks}")
+    accs, ns, starts = [], [], [start + b * n_scenes for b in range(blocks)]
+    for b, s0 in enumerate(tqdm(starts, disable=not progress, desc="test blocks")):
+        if b == 0 and first is not None: r = first
+        else: r = evaluate(model, processor, benchmark_samples(n_scenes, "test", s0), batch_size=batch_size, progress=False)
+        accs.append(r["accuracy"]["overall"]); ns.append(r["n"])
+    a = np.array(accs)
+    return dict(n_scenes=n_scenes, starts=starts, accuracy=accs, n_questions=ns, mean=float(a.mean()),
+                sd=float(a.std(ddof=1)) if blocks > 1 else float("nan"), min=float(a.min()), max=float(a.max()))
+
+def _recipe(info:dict, out:str|None=None, init:str|None=None,
+            prev:dict|None=None, # the run this one started from: then only the arguments that changed
+           ) -> str:
+    "The `todre.testbed.train` call that produced one run: the arguments that differ from the defaults, or from `prev`'s call."
     import inspect
     from todre.testbed import train, _RUN_ARGS
     skip = set(_RUN_ARGS) - {"init"}                                # init keeps its place, named below
-    args = {k: info[k] for k, v in inspect.signature(train).parameters.items()
-            if k not in skip and k in info and info[k] != (list(v.default) if isinstance(v.default, tuple) else v.default)}
+    defaults = {k: list(v.default) if isinstance(v.default, tuple) else v.default
+                for k, v in inspect.signature(train).parameters.items() if k not in skip}
+    value = lambda r, k: r.get(k, defaults[k])
+    if prev is None: args = {k: info[k] for k in defaults if k in info and info[k] != defaults[k]}
+    else: args = {k: value(info, k) for k in defaults if k != "init" and value(info, k) != value(prev, k)}
     if "init" in info: args["init"] = f"'{init}'"
     if out: args["out"] = f"'{out}'"
-    return "todre.testbed.train(" + ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v}" for k, v in args.items()) + ")"
+    text = ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v}" for k, v in args.items())
+    return f"todre.testbed.train({text})" if prev is None else text
 
 def _runs(info:dict) -> list:
     "The chain of `train` calls behind a testbed, first call first (each run's `init` holds its parent's information)."
@@ -352,8 +380,15 @@ def model_card(info:dict, # training information saved by `todre.testbed.train`
     runs = _runs(info)
     first = runs[0]
     more = _options(first) + "." + _stopped(first) + "".join(_then(r, p) + _stopped(r) for p, r in zip(runs, runs[1:]))
-    recipe = "; then ".join(f"`{_recipe(r, _run_name(i) if i < len(runs) - 1 else None, _run_name(i - 1) if i else None)}`"
-                            for i, r in enumerate(runs))
+    calls = [_recipe(r, _run_name(i) if i < len(runs) - 1 else None, _run_name(i - 1) if i else None, runs[i - 1] if i else None)
+             for i, r in enumerate(runs)]
+    recipe = f"`{calls[0]}`" + "".join(f"; then the same call with `{c}`" for c in calls[1:])
+    sp = report.get("spread")
+    spread = (f"\nOver {len(sp['accuracy'])} disjoint blocks of {sp['n_scenes']} test scenes (scenes {sp['starts'][0]}–"
+              f"{sp['starts'][-1] + sp['n_scenes'] - 1}; the table is the first block), the overall accuracy is {100 * sp['mean']:.1f} % "
+              f"on average, standard deviation {100 * sp['sd']:.1f} points, range {100 * sp['min']:.1f}–{100 * sp['max']:.1f} % "
+              f"({', '.join(f'{100 * a:.1f}' for a in sp['accuracy'])}; {min(sp['n_questions'])}–{max(sp['n_questions'])} questions each).\n"
+              if sp and len(sp["accuracy"]) > 1 else "")
     time_ = "; then ".join(_where(r) for r in runs)
     pruned = any(r.get("prune") for r in runs)
     limit = ("- Its pruned training sequences were random subsets of the grid: it has learnt that the image may arrive incomplete, not which tokens any selector keeps."
@@ -384,7 +419,7 @@ A small `LlavaForConditionalGeneration` trained from scratch on todre's syntheti
 | family | accuracy % | blank images % | majority answer % |
 |---|---|---|---|
 {rows}
-
+{spread}
 POPE-style existence: precision {100 * p['precision']:.1f}, recall {100 * p['recall']:.1f}, F1 {100 * p['f1']:.1f}, yes-ratio {100 * p['yes_ratio']:.1f}.
 
 Speed: {report['seconds_per_question']:.3f} s per answered question at batch 1 on {report['threads']} CPU threads (median).

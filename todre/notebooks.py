@@ -8,9 +8,9 @@ import json, os, re, subprocess, sys, time
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['EXECUTED_MARK', 'README_FIGURES', 'cell_flags', 'skip_flags', 'project_root', 'notebook_paths', 'executed_note',
-           'shrink_figures', 'execute_notebook', 'execute_notebooks', 'export_figures', 'add_notebooks_parser',
-           'run_notebooks']
+__all__ = ['EXECUTED_MARK', 'SIZES', 'README_FIGURES', 'cell_flags', 'skip_flags', 'project_root', 'notebook_paths',
+           'executed_note', 'shrink_figures', 'execute_notebook', 'execute_notebooks', 'export_figures',
+           'add_notebooks_parser', 'run_notebooks']
 
 # %% ../nbs/21_notebooks.ipynb #4b78b2f5
 _DIRECTIVE = re.compile(r"^\s*#\s*\|\s*([\w-]+)")
@@ -63,13 +63,21 @@ def _commit(root):
                                timeout=10).stdout.strip() or "unknown"
     except Exception: return "unknown"
 
-def executed_note(seconds:float, full:bool, skipped:dict, root=None) -> str:
-    "The markdown note appended to an executed notebook: when, how, with what."
+SIZES = {"ci": "CI size (`IN_TEST` set, `#| slow` cells skipped)",
+         "default": "default size (`IN_TEST` unset, `#| slow` cells skipped)",
+         "full": "full size (`IN_TEST` unset, `#| slow` cells run)"}
+
+def _check_size(size):
+    if size not in SIZES: raise ValueError(f"size must be one of {tuple(SIZES)}, got {size!r}")
+    return size
+
+def executed_note(seconds:float, size:str, skipped:dict, root=None) -> str:
+    "The markdown note appended to an executed notebook: when, how (which size), with what."
     import platform, torch, transformers, todre
-    size = "full size (`#| slow` cells run)" if full else "CI size (`IN_TEST` set, `#| slow` cells skipped)"
     skip = ", ".join(f"{n} `#| {f}`" for f, n in sorted(skipped.items()) if n) or "none"
-    return (f"{EXECUTED_MARK}\n*Executed {time.strftime('%Y-%m-%d')} by `todre notebooks --execute{' --full' if full else ''}`"
-            f" at {size}: todre {todre.__version__} (commit {_commit(root or project_root())}), {seconds:.0f} s wall, "
+    flag = "" if _check_size(size) == "ci" else f" --size {size}"
+    return (f"{EXECUTED_MARK}\n*Executed {time.strftime('%Y-%m-%d')} by `todre notebooks --execute{flag}`"
+            f" at {SIZES[size]}: todre {todre.__version__} (commit {_commit(root or project_root())}), {seconds:.0f} s wall, "
             f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}, transformers {transformers.__version__}, "
             f"Python {platform.python_version()}; cells not executed: {skip}.*")
 
@@ -98,7 +106,7 @@ def shrink_figures(nb) -> int:
     return n
 
 def execute_notebook(path, # the notebook, executed and rewritten in place
-                     full:bool=False, # run the `#| slow` cells too, without `IN_TEST`
+                     size:str="ci", # "ci" (`IN_TEST` set), "default" (unset) or "full" (unset, `#| slow` cells run too)
                      root=None) -> dict:
     "Execute one notebook in this process, write its outputs and the executed note into it, and clean it."
     from execnb.nbio import read_nb, write_nb, mk_cell
@@ -106,9 +114,9 @@ def execute_notebook(path, # the notebook, executed and rewritten in place
     from fastcore.xtras import working_directory
     from nbdev.clean import clean_nb
     path, root = Path(path).resolve(), Path(root) if root is not None else project_root()
-    flags = skip_flags(full, root)
-    if full: os.environ.pop("IN_TEST", None)
-    else: os.environ["IN_TEST"] = "1"
+    flags = skip_flags(_check_size(size) == "full", root)
+    if size == "ci": os.environ["IN_TEST"] = "1"
+    else: os.environ.pop("IN_TEST", None)
     nb = read_nb(path)
     nb.cells = [c for c in nb.cells if not (c.cell_type == "markdown" and c.source.startswith(EXECUTED_MARK))]
     skipped = {f: 0 for f in flags}
@@ -127,31 +135,33 @@ def execute_notebook(path, # the notebook, executed and rewritten in place
     with working_directory(path.parent):
         shell.run_all(nb, exc_stop=True, preproc=skip)
     seconds = time.time() - t0
-    note = mk_cell(executed_note(seconds, full, skipped, root), cell_type="markdown")
+    note = mk_cell(executed_note(seconds, size, skipped, root), cell_type="markdown")
     last = len(nb.cells)
     while last and nb.cells[last - 1].cell_type == "code" and "nbdev_export" + "(" in nb.cells[last - 1].source: last -= 1
     nb.cells.insert(last, note)
     shrink_figures(nb)
     clean_nb(nb)
     write_nb(nb, path)
-    return dict(notebook=str(path.relative_to(root)), seconds=seconds, full=full)
+    return dict(notebook=str(path.relative_to(root)), seconds=seconds, size=size)
 
 # %% ../nbs/21_notebooks.ipynb #32db96d6
 def execute_notebooks(paths=None, # notebooks or folders (default: all of `nbs/`)
-                      full:bool=False, # run `#| slow` cells too, without `IN_TEST` (the paper notebooks at their full N)
+                      size:str="ci", # "ci", "default" or "full" (the paper notebooks at their full N): see `SIZES`
                       workers:int=1, # notebooks executed at once, each in its own process
                       progress:bool=True, root=None) -> list[dict]:
     "Execute notebooks in place, one fresh process each, with a progress bar; per-notebook seconds, failures last."
     from concurrent.futures import ThreadPoolExecutor
     from tqdm.auto import tqdm
     root = Path(root) if root is not None else project_root()
-    files = notebook_paths(paths, root)
+    files = notebook_paths(paths, root); _check_size(size)
+    env = dict(os.environ)                       # notebooks at once share the cores rather than oversubscribe them
+    if workers > 1 and "OMP_NUM_THREADS" not in env: env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
     def one(f):
         code = (f"import json, sys; from todre.notebooks import execute_notebook; "
-                f"print('\\n' + json.dumps(execute_notebook({str(f)!r}, full={full!r}, root={str(root)!r})))")
+                f"print('\\n' + json.dumps(execute_notebook({str(f)!r}, size={size!r}, root={str(root)!r})))")
         t0 = time.time()
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
-        if r.returncode: return dict(notebook=str(f.relative_to(root)), seconds=time.time() - t0, full=full,
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env)
+        if r.returncode: return dict(notebook=str(f.relative_to(root)), seconds=time.time() - t0, size=size,
                                      error=(r.stderr or r.stdout).strip().splitlines()[-40:])
         return json.loads(r.stdout.strip().splitlines()[-1])
     res = []
@@ -188,7 +198,9 @@ def add_notebooks_parser(sub):
                                    "outputs and an 'executed' note, and clean them.")
     p.add_argument("paths", nargs="*", help="notebooks or folders (default: all of nbs/)")
     p.add_argument("--execute", action="store_true", help="execute them (without it: list what would run)")
-    p.add_argument("--full", action="store_true", help="run #| slow cells too, without IN_TEST (the paper notebooks' full N)")
+    p.add_argument("--size", choices=("ci", "default", "full"), default="ci",
+                   help="ci: IN_TEST set, as CI runs them; default: IN_TEST unset; full: also the #| slow cells (the paper's full N)")
+    p.add_argument("--full", action="store_const", const="full", dest="size", help="the same as --size full")
     p.add_argument("-j", "--workers", type=int, default=1, help="notebooks at once")
     return p
 
@@ -198,7 +210,7 @@ def run_notebooks(a):
     if not a.execute:
         for f in files: print(f.relative_to(project_root()))
         print(f"{len(files)} notebooks; add --execute to run them"); return []
-    res = execute_notebooks(a.paths or None, full=a.full, workers=a.workers)
+    res = execute_notebooks(a.paths or None, size=a.size, workers=a.workers)
     for r in res: print(f"{r['notebook']:<60}{r['seconds']:>8.1f} s" + ("  FAILED" if "error" in r else ""))
     bad = [r for r in res if "error" in r]
     for r in bad: print(f"\n{r['notebook']}:\n" + "\n".join(r["error"]), file=sys.stderr)

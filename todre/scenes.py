@@ -405,7 +405,7 @@ def make_scenes(n:int, # number of scenes (each gives several rows)
 def show_scene(scene:Scene, # a rendered scene
                questions:list|None=None, # `Question`s to print under the image
                ax=None, # matplotlib axes; a new figure if None
-               overlay:bool=False, # tint each object's mask and draw the patch grid
+               overlay:bool=False, # outline each object's mask (numbered) and draw the patch grid; the colours stay the image's
                kept=None, # token indices (0..575) to outline, e.g. a pruned set
               ):
     "Draw a scene, optionally with its masks, the token grid, kept tokens and questions; returns the axes."
@@ -413,9 +413,14 @@ def show_scene(scene:Scene, # a rendered scene
     if ax is None: _, ax = plt.subplots(figsize=(3, 3))
     ax.imshow(scene.image)
     if overlay:
-        tint = np.zeros((*scene.label.shape, 4)); colors = plt.cm.tab10(np.arange(len(scene.objects)) % 10)
-        for i in range(len(scene.objects)): tint[scene.label == i + 1] = (*colors[i][:3], 0.6)
-        ax.imshow(tint)
+        for i in range(len(scene.objects)):              # outlines, not tints: a tint would change the colours the questions name
+            m = scene.label == i + 1
+            if not m.any(): continue
+            ax.contour(m, levels=[0.5], colors="white", linewidths=1.6)
+            ax.contour(m, levels=[0.5], colors="black", linewidths=0.7)
+            r, c = np.argwhere(m).mean(0)
+            ax.text(c, r, str(i + 1), ha="center", va="center", fontsize=7, color="white",
+                    bbox=dict(boxstyle="round,pad=0.15", fc="black", ec="none", alpha=0.6))
         for v in range(0, IMAGE_SIZE + 1, PATCH):
             ax.axhline(v - 0.5, color="k", lw=0.2, alpha=0.5); ax.axvline(v - 0.5, color="k", lw=0.2, alpha=0.5)
     if kept is not None:

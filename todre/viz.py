@@ -41,20 +41,26 @@ def plot_kept_tokens(panels:list, # images from `panel_images`
                      grids:list, # bool grids from `kept_token_grids`
                      title:str="", # figure title
                      axes=None, # matplotlib axes to draw into (one per panel)
-                     dim:float=0.75, # how much to darken dropped tokens
+                     dim:float=0.6, # how far dropped tokens fade towards white (0: not at all, 1: white)
+                     labels=None, # one text under each panel; default "k/n tokens kept"; "" for none
                     ):
-    "Draw each panel with its dropped tokens darkened; returns the axes."
+    "Draw each panel with its kept tokens in their own colours and its dropped tokens in faded grey; returns the axes."
     import matplotlib.pyplot as plt
+    if not 0 <= dim <= 1: raise ValueError(f"dim must be in [0, 1], got {dim}")
+    if labels is not None and len(labels) != len(panels):
+        raise ValueError(f"{len(labels)} labels for {len(panels)} panels")
     if axes is None:
         _, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
         axes = axes[0]
-    for ax, img, g in zip(axes, panels, grids):
+    for i, (ax, img, g) in enumerate(zip(axes, panels, grids)):
         h, w = img.shape[:2]
         shade = np.kron(~g, np.ones((h // g.shape[0], w // g.shape[1]), dtype=bool))
         out = img.astype(float).copy()
-        out[:shade.shape[0], :shade.shape[1]][shade] *= (1 - dim)
+        region = out[:shade.shape[0], :shade.shape[1]]
+        grey = region[shade] @ np.array([0.299, 0.587, 0.114])          # luminance: no hue survives in a dropped token
+        region[shade] = (grey * (1 - dim) + 255 * dim)[:, None]
         ax.imshow(out.astype(np.uint8)); ax.set_xticks([]); ax.set_yticks([])
-        ax.set_xlabel(f"{int(g.sum())}/{g.size} tokens kept")
+        ax.set_xlabel(f"{int(g.sum())}/{g.size} tokens kept" if labels is None else labels[i])
     if title: axes[0].figure.suptitle(title)
     return axes
 
