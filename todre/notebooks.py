@@ -198,7 +198,7 @@ def add_notebooks_parser(sub):
                                    "outputs and an 'executed' note, and clean them.")
     p.add_argument("paths", nargs="*", help="notebooks or folders (default: all of nbs/)")
     p.add_argument("--execute", action="store_true", help="execute them (without it: list what would run)")
-    p.add_argument("--size", choices=("ci", "default", "full"), default="ci",
+    p.add_argument("--size", choices=tuple(SIZES), default="ci",
                    help="ci: IN_TEST set, as CI runs them; default: IN_TEST unset; full: also the #| slow cells (the paper's full N)")
     p.add_argument("--full", action="store_const", const="full", dest="size", help="the same as --size full")
     p.add_argument("-j", "--workers", type=int, default=1, help="notebooks at once")
