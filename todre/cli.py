@@ -143,11 +143,11 @@ def demo(cfg:ToDREConfig|None=None, # what ToDRE does (paper defaults when None)
             panels = panel_images(inputs["pixel_values"][0], ip.image_mean, ip.image_std, toks.crop_grid)
             side = toks.thumb_grid[0]
             shapes = [(side, side)] + ([(side * toks.crop_grid[0], side * toks.crop_grid[1])] if toks.crop_grid else [])
-            import matplotlib; matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-            axes = plot_kept_tokens(panels, kept_token_grids(toks.layout, st.kept[0], shapes),
-                                    title=f"ToDRE {cfg.selector}: {st.n_kept[0]} of {st.n_visual[0]} visual tokens")
-            axes[0].figure.savefig(out, dpi=80, bbox_inches="tight"); plt.close(axes[0].figure)
+            from matplotlib.figure import Figure  # a figure of its own: no pyplot state, no backend switched for the caller
+            fig = Figure(figsize=(4 * len(panels), 4))
+            plot_kept_tokens(panels, kept_token_grids(toks.layout, st.kept[0], shapes), axes=fig.subplots(1, len(panels), squeeze=False)[0],
+                             title=f"ToDRE {cfg.selector}: {st.n_kept[0]} of {st.n_visual[0]} visual tokens")
+            fig.savefig(out, dpi=80, bbox_inches="tight")
             say(f"kept-token map: {out}")
     return dict(stats=st, answer_unpruned=decode(base), answer_todre=decode(pruned), seconds_unpruned=t_base, seconds_todre=t_todre)
 

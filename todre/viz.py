@@ -43,8 +43,9 @@ def plot_kept_tokens(panels:list, # images from `panel_images`
                      axes=None, # matplotlib axes to draw into (one per panel)
                      dim:float=0.6, # how far dropped tokens fade towards white (0: not at all, 1: white)
                      labels=None, # one text under each panel; default "k/n tokens kept"; "" for none
+                     outline="black", # colour of a thin line around the kept tokens (None: no line)
                     ):
-    "Draw each panel with its kept tokens in their own colours and its dropped tokens in faded grey; returns the axes."
+    "Draw each panel with its kept tokens in their own colours, outlined, and its dropped tokens in faded grey; returns the axes."
     import matplotlib.pyplot as plt
     if not 0 <= dim <= 1: raise ValueError(f"dim must be in [0, 1], got {dim}")
     if labels is not None and len(labels) != len(panels):
@@ -60,6 +61,8 @@ def plot_kept_tokens(panels:list, # images from `panel_images`
         grey = region[shade] @ np.array([0.299, 0.587, 0.114])          # luminance: no hue survives in a dropped token
         region[shade] = (grey * (1 - dim) + 255 * dim)[:, None]
         ax.imshow(out.astype(np.uint8)); ax.set_xticks([]); ax.set_yticks([])
+        if outline is not None and g.any() and not g.all():  # a white kept token would look like a faded dropped one
+            ax.contour((~shade).astype(float), levels=[0.5], colors=[outline], linewidths=0.8)
         ax.set_xlabel(f"{int(g.sum())}/{g.size} tokens kept" if labels is None else labels[i])
     if title: axes[0].figure.suptitle(title)
     return axes
