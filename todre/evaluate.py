@@ -360,13 +360,23 @@ def _where(r:dict) -> str:
     on = r["gpu"] if r.get("gpu") else f"{r['device']} with {n} thread{'' if n == 1 else 's'}"
     return f"{minutes:.1f} min on {on} (torch {r.get('torch', '?')})"
 
-def _then(r:dict, prev:dict) -> str:
-    "The sentence for a run that started from the previous run `prev`."
+def _and(xs) -> str: return ", ".join(map(str, xs[:-1])) + f" and {xs[-1]}" if len(xs) > 1 else str(xs[0])
+
+def _then(rs:list, prev:dict) -> str:
+    "The sentence for runs `rs`, each started from the one before, the first from `prev`; `rs[1:]` only continue `rs[0]` (see `_continues`)."
+    r, lrs = rs[0], [x["lr"] for x in rs]
+    lr = f"learning rate {lrs[0]}" if len(set(lrs)) == 1 else f"learning rates {_and(lrs)}"
     return (" Then"
             + (f" {r['vision_steps']} more phase-1 steps (learning rate {r['vision_lr']}{', no shape-only start' if not r.get('shape_first') else ''}) and"
                if r.get("vision_steps") else "")
-            + f" {r['steps']} more phase-2 steps from that model (learning rate {r['lr']}{'' if r['easy_fraction'] else ', no curriculum'})"
-            + _options(r, prev) + ".")
+            + f" {_and([x['steps'] for x in rs])} more phase-2 steps "
+            + ("from that model" if len(rs) == 1 else f"in {len(rs)} calls, each from the model before")
+            + f" ({lr}{'' if r['easy_fraction'] else ', no curriculum'})" + _options(r, prev) + ".")
+
+def _continues(r:dict, prev:dict) -> bool:
+    "Whether run `r` only trains `prev` further with the same options (its sentence can join `prev`'s)."
+    return (not r.get("vision_steps") and not prev.get("vision_steps") and not _stopped(prev)
+            and bool(r["easy_fraction"]) == bool(prev["easy_fraction"]) and _options(r, prev) == ", with the same options")
 
 def model_card(info:dict, # training information saved by `todre.testbed.train`
                report:dict, # from `testbed_report`
@@ -379,7 +389,11 @@ def model_card(info:dict, # training information saved by `todre.testbed.train`
     p = report["pope"]
     runs = _runs(info)
     first = runs[0]
-    more = _options(first) + "." + _stopped(first) + "".join(_then(r, p) + _stopped(r) for p, r in zip(runs, runs[1:]))
+    groups = []                                                    # (the run before, the runs of one sentence)
+    for before, r in zip(runs, runs[1:]):
+        if groups and _continues(r, before): groups[-1][1].append(r)
+        else: groups.append((before, [r]))
+    more = _options(first) + "." + _stopped(first) + "".join(_then(rs, before) + _stopped(rs[-1]) for before, rs in groups)
     calls = [_recipe(r, _run_name(i) if i < len(runs) - 1 else None, _run_name(i - 1) if i else None, runs[i - 1] if i else None)
              for i, r in enumerate(runs)]
     recipe = f"`{calls[0]}`" + "".join(f"; then the same call with `{c}`" for c in calls[1:])
