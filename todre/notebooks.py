@@ -58,9 +58,26 @@ def notebook_paths(paths=None, # notebooks or folders (default: every notebook u
     return sorted(set(f.resolve() for f in out))
 
 # %% ../nbs/21_notebooks.ipynb #0d1e3ba5
-def _commit(root):
-    try: return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                               timeout=10).stdout.strip() or "unknown"
+def _sources(text:str) -> list:
+    "A notebook's cell sources (from its JSON text), without the executed note: what `_commit` compares."
+    src = lambda c: c["source"] if isinstance(c["source"], str) else "".join(c["source"])
+    return [src(c) for c in json.loads(text)["cells"] if not src(c).startswith(EXECUTED_MARK)]
+
+def _commit(root, # the project root, a git checkout
+            nb=None, # the notebook about to run: its cells are compared with HEAD's too
+           ) -> str: # "abc1234", "abc1234 + uncommitted changes" or "unknown"
+    "The commit a notebook runs from, saying so when the library or the notebook's cells differ from it."
+    import configparser
+    git = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True, timeout=10)
+    try:
+        head = git("rev-parse", "--short", "HEAD").stdout.strip()
+        if not head: return "unknown"
+        cfg = configparser.ConfigParser(); cfg.read(Path(root) / "settings.ini")
+        dirty = bool(git("status", "--porcelain", "--", cfg.get("DEFAULT", "lib_path", fallback="todre")).stdout.strip())
+        if nb is not None and not dirty:               # outputs may differ (they are what is being redone), cells may not
+            shown = git("show", f"HEAD:{Path(nb).resolve().relative_to(Path(root).resolve()).as_posix()}")
+            dirty = shown.returncode != 0 or _sources(shown.stdout) != _sources(Path(nb).read_text())
+        return head + (" + uncommitted changes" if dirty else "")
     except Exception: return "unknown"
 
 SIZES = {"ci": "CI size (`IN_TEST` set, `#| slow` cells skipped)",
@@ -71,13 +88,15 @@ def _check_size(size):
     if size not in SIZES: raise ValueError(f"size must be one of {tuple(SIZES)}, got {size!r}")
     return size
 
-def executed_note(seconds:float, size:str, skipped:dict, root=None) -> str:
+def executed_note(seconds:float, size:str, skipped:dict, root=None,
+                  commit:str|None=None, # from `_commit`, taken before the cells ran (default: now)
+                 ) -> str:
     "The markdown note appended to an executed notebook: when, how (which size), with what."
     import platform, torch, transformers, todre
     skip = ", ".join(f"{n} `#| {f}`" for f, n in sorted(skipped.items()) if n) or "none"
     flag = "" if _check_size(size) == "ci" else f" --size {size}"
     return (f"{EXECUTED_MARK}\n*Executed {time.strftime('%Y-%m-%d')} by `todre notebooks --execute{flag}`"
-            f" at {SIZES[size]}: todre {todre.__version__} (commit {_commit(root or project_root())}), {seconds:.0f} s wall, "
+            f" at {SIZES[size]}: todre {todre.__version__} (commit {commit or _commit(root or project_root())}), {seconds:.0f} s wall, "
             f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}, transformers {transformers.__version__}, "
             f"Python {platform.python_version()}; cells not executed: {skip}.*")
 
@@ -130,12 +149,13 @@ def execute_notebook(path, # the notebook, executed and rewritten in place
     for c in nb.cells:
         if c.cell_type == "code": c.outputs, c.execution_count = [], None
     sys.path.insert(0, str(root))
+    commit = _commit(root, path)                       # what the cells run with, before anything is rewritten
     t0 = time.time()
     shell = CaptureShell(path)
     with working_directory(path.parent):
         shell.run_all(nb, exc_stop=True, preproc=skip)
     seconds = time.time() - t0
-    note = mk_cell(executed_note(seconds, size, skipped, root), cell_type="markdown")
+    note = mk_cell(executed_note(seconds, size, skipped, root, commit), cell_type="markdown")
     last = len(nb.cells)
     while last and nb.cells[last - 1].cell_type == "code" and "nbdev_export" + "(" in nb.cells[last - 1].source: last -= 1
     nb.cells.insert(last, note)
