@@ -169,8 +169,8 @@ def execute_notebooks(paths=None, # notebooks or folders (default: all of `nbs/`
                       size:str="ci", # "ci", "default" or "full" (the paper notebooks at their full N): see `SIZES`
                       workers:int=1, # notebooks executed at once, each in its own process
                       progress:bool=True, root=None) -> list[dict]:
-    "Execute notebooks in place, one fresh process each, with a progress bar; per-notebook seconds, failures last."
-    from concurrent.futures import ThreadPoolExecutor
+    "Execute notebooks in place, one fresh process each, with a progress bar (a failure is reported as it happens); per-notebook seconds, failures last."
+    from concurrent.futures import ThreadPoolExecutor, as_completed
     from tqdm.auto import tqdm
     root = Path(root) if root is not None else project_root()
     files = notebook_paths(paths, root); _check_size(size)
@@ -186,8 +186,10 @@ def execute_notebooks(paths=None, # notebooks or folders (default: all of `nbs/`
         return json.loads(r.stdout.strip().splitlines()[-1])
     res = []
     with ThreadPoolExecutor(max(1, workers)) as ex, tqdm(total=len(files), disable=not progress, desc="notebooks") as bar:
-        for r in ex.map(one, files):
-            res.append(r); bar.update(); bar.set_postfix_str(f"{Path(r['notebook']).name} {r['seconds']:.0f}s")
+        for fut in as_completed([ex.submit(one, f) for f in files]):      # as each ends: a failure is said at once
+            r = fut.result(); res.append(r); bar.update(); bar.set_postfix_str(f"{Path(r['notebook']).name} {r['seconds']:.0f}s")
+            if "error" in r and progress:
+                bar.write(f"{r['notebook']} failed after {r['seconds']:.0f} s: {r['error'][-1]}", file=sys.stderr)
     return sorted(res, key=lambda r: ("error" in r, r["notebook"]))
 
 # %% ../nbs/21_notebooks.ipynb #468e5f87
