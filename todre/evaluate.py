@@ -115,7 +115,7 @@ def relative_table(rows:list, # dicts from `compare` / `compare_selectors`, one 
     df["relative_%"] = 100 * df["accuracy"] / df.loc["unpruned", "accuracy"]
     out = df[[c for c in cols if c in df.columns] + ["relative_%"]].copy()
     for c in out.columns:
-        if c.startswith("acc") or c in ("coverage", "stage2_rate"): out[c] = (100 * out[c]).round(1)
+        if c.startswith(("acc", "coverage")) or c == "stage2_rate": out[c] = (100 * out[c]).round(1)
     return out.round(2)
 
 def compare(model, processor, samples:list, # `(scene, question)` pairs
