@@ -137,7 +137,9 @@ def execute_notebook(path, # the notebook, executed and rewritten in place
     if size == "ci": os.environ["IN_TEST"] = "1"
     else: os.environ.pop("IN_TEST", None)
     nb = read_nb(path)
-    nb.cells = [c for c in nb.cells if not (c.cell_type == "markdown" and c.source.startswith(EXECUTED_MARK))]
+    is_note = lambda c: c.cell_type == "markdown" and c.source.startswith(EXECUTED_MARK)
+    old_id = next((c.get("id") for c in nb.cells if is_note(c)), None)
+    nb.cells = [c for c in nb.cells if not is_note(c)]
     skipped = {f: 0 for f in flags}
     def skip(cell):
         if cell.cell_type != "code": return True
@@ -152,10 +154,16 @@ def execute_notebook(path, # the notebook, executed and rewritten in place
     commit = _commit(root, path)                       # what the cells run with, before anything is rewritten
     t0 = time.time()
     shell = CaptureShell(path)
-    with working_directory(path.parent):
-        shell.run_all(nb, exc_stop=True, preproc=skip)
+    from transformers.utils import logging as hf_logging
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()                  # weight loading's bar: a speed that differs on every run
+    try:
+        with working_directory(path.parent): shell.run_all(nb, exc_stop=True, preproc=skip)
+    finally:
+        if bars: hf_logging.enable_progress_bar()
     seconds = time.time() - t0
     note = mk_cell(executed_note(seconds, size, skipped, root, commit), cell_type="markdown")
+    if old_id: note["id"] = old_id                     # the same cell, so a re-execution changes only what it says
     last = len(nb.cells)
     while last and nb.cells[last - 1].cell_type == "code" and "nbdev_export" + "(" in nb.cells[last - 1].source: last -= 1
     nb.cells.insert(last, note)
