@@ -274,6 +274,7 @@ def testbed_report(model, processor, n_scenes:int=150, # held-out test scenes (a
                 spread=accuracy_spread(model, processor, n_scenes, spread_blocks, seed, first=full,
                                        batch_size=batch_size, progress=progress))
 
+# %% ../nbs/11_evaluate.ipynb #4776e7d9
 def accuracy_spread(model, processor, n_scenes:int=100, # scenes per block
                     blocks:int=5, # disjoint blocks of consecutive test scenes
                     start:int=0, # index of the first block's first scene
@@ -291,6 +292,7 @@ def accuracy_spread(model, processor, n_scenes:int=100, # scenes per block
     return dict(n_scenes=n_scenes, starts=starts, accuracy=accs, n_questions=ns, mean=float(a.mean()),
                 sd=float(a.std(ddof=1)) if blocks > 1 else float("nan"), min=float(a.min()), max=float(a.max()))
 
+# %% ../nbs/11_evaluate.ipynb #1b930817
 def _recipe(info:dict, out:str|None=None, init:str|None=None,
             prev:dict|None=None, # the run this one started from: then only the arguments that changed
            ) -> str:
@@ -378,6 +380,7 @@ def _continues(r:dict, prev:dict) -> bool:
     return (not r.get("vision_steps") and not prev.get("vision_steps") and not _stopped(prev)
             and bool(r["easy_fraction"]) == bool(prev["easy_fraction"]) and _options(r, prev) == ", with the same options")
 
+# %% ../nbs/11_evaluate.ipynb #45bd33b6
 def model_card(info:dict, # training information saved by `todre.testbed.train`
                report:dict, # from `testbed_report`
               ) -> str:

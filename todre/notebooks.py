@@ -57,7 +57,7 @@ def notebook_paths(paths=None, # notebooks or folders (default: every notebook u
         else: raise FileNotFoundError(f"{p} is not a notebook or a folder of notebooks")
     return sorted(set(f.resolve() for f in out))
 
-# %% ../nbs/21_notebooks.ipynb #0d1e3ba5
+# %% ../nbs/21_notebooks.ipynb #b5907dc9
 def _sources(text:str) -> list:
     "A notebook's cell sources (from its JSON text), without the executed note: what `_commit` compares."
     src = lambda c: c["source"] if isinstance(c["source"], str) else "".join(c["source"])
@@ -80,6 +80,7 @@ def _commit(root, # the project root, a git checkout
         return head + (" + uncommitted changes" if dirty else "")
     except Exception: return "unknown"
 
+# %% ../nbs/21_notebooks.ipynb #8652626e
 SIZES = {"ci": "CI size (`IN_TEST` set, `#| slow` cells skipped)",
          "default": "default size (`IN_TEST` unset, `#| slow` cells skipped)",
          "full": "full size (`IN_TEST` unset, `#| slow` cells run)"}
@@ -100,6 +101,7 @@ def executed_note(seconds:float, size:str, skipped:dict, root=None,
             f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}, transformers {transformers.__version__}, "
             f"Python {platform.python_version()}; cells not executed: {skip}.*")
 
+# %% ../nbs/21_notebooks.ipynb #f4bb3525
 def _shrink_png(data:str, max_side:int=1100, max_bytes:int=150_000) -> str:
     "A base64 PNG no wider or taller than `max_side` px (re-encoded, palette where it stays faithful), if it was larger."
     import base64, io
@@ -124,6 +126,7 @@ def shrink_figures(nb) -> int:
                 if new != png: d["image/png"] = new; n += 1
     return n
 
+# %% ../nbs/21_notebooks.ipynb #0d1e3ba5
 def execute_notebook(path, # the notebook, executed and rewritten in place
                      size:str="ci", # "ci" (`IN_TEST` set), "default" (unset) or "full" (unset, `#| slow` cells run too)
                      root=None) -> dict:

@@ -354,6 +354,7 @@ def _lm_losses(model, tokens, b, layers:dict, compare:tuple|None=None, same:tupl
                           if ok.any() else answer * 0)
     return answer, pointers, right
 
+# %% ../nbs/10_testbed.ipynb #5817deb7
 def _cosine(opt, steps, warmup=0, flat=0.0):
     "Linear warm-up, then constant for a `flat` fraction of the steps, then cosine decay to zero."
     def f(s):
@@ -383,6 +384,7 @@ def _loader(make, n, seed, phase, workers):
                                        collate_fn=_as_is, prefetch_factor=4 if workers else None,
                                        worker_init_fn=_one_thread if workers else None)
 
+# %% ../nbs/10_testbed.ipynb #334f3896
 def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the auxiliary objectives
           steps:int=800, # phase 2: steps of the whole model on packed question blocks
           vision_batch:int=16, # images per phase-1 step
@@ -491,6 +493,7 @@ def train(vision_steps:int=1000, # phase 1: steps of the vision tower on the aux
         return model, proc, info
     finally: kernels.close(); torch.use_deterministic_algorithms(before)
 
+# %% ../nbs/10_testbed.ipynb #909ec67a
 def save(model, processor, path:str, info:dict|None=None):
     "Save model (safetensors), processor and training information to `path`."
     path = Path(path); path.mkdir(parents=True, exist_ok=True)

@@ -122,6 +122,7 @@ def cache_nbytes(cache # the KV cache a model returned (`DynamicCache` or a tupl
         return [sum(t.nbytes for t in (getattr(l, "keys", None), getattr(l, "values", None)) if t is not None) for l in cache.layers]
     return [sum(t.nbytes for t in kv) for kv in cache]
 
+# %% ../nbs/15_timing.ipynb #3d94b88d
 def _language_model(model):
     base = getattr(model, "model", model)
     lm = getattr(base, "language_model", None)
